@@ -1,0 +1,1 @@
+"""Data: the synthetic cohort, NIfTI validation, datasets and federated partitions."""
