@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev]"
 	$(BIN)/python -m pip check
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fedsparse)"
+	$(BIN)/python -m ipykernel install --sys-prefix --name fedsparse --display-name "Python 3 (fedsparse)"
 	touch $@
 
 clean-results:

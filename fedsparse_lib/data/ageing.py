@@ -4,11 +4,11 @@ Rates are chosen to follow the shape of the ageing literature, expressed in the 
 cohort lives in (brain volume there is about 1.9 l, larger than a native brain):
 
 * Lateral-ventricle enlargement: the ventricular boundary moves outward by
-  ``2.4 * u**2`` mm with ``u = (age - 20) / 60``, i.e. accelerating after mid-life. In the
+  ``3.0 * u**1.6`` mm with ``u = (age - 20) / 60``, i.e. accelerating after mid-life. In the
   template this takes the lateral + third ventricles from about 33 ml at 20 to about 60 ml at
   65 and over 90 ml at 85 (2-4 % per year in old age, as in longitudinal studies:
   Kaye et al. 1992; Fjell et al. 2009; Scahill et al. 2003).
-* Cortical grey-matter loss and sulcal widening: grey matter within ``2.0 * u**1.3`` mm of sulcal
+* Cortical grey-matter loss and sulcal widening: grey matter within ``2.4 * u**1.2`` mm of sulcal
   CSF turns into CSF, weighted by a regional map in which frontal and lateral temporal cortex age
   faster (Raz et al. 2005; Fjell et al. 2009). Measured on the cohort, total grey matter falls by
   about 0.3 % per year (Giorgio et al. 2010; Bethlehem et al. 2022 report 0.2-0.5 %/year).
@@ -39,13 +39,13 @@ def ageing_progress(age: float | np.ndarray) -> float | np.ndarray:
 
 
 def ventricle_expansion_mm(age: float | np.ndarray) -> float | np.ndarray:
-    """Outward shift of the ventricular boundary in mm at ``age`` (0 at 20, 2.4 at 80)."""
-    return 2.4 * ageing_progress(age) ** 2
+    """Outward shift of the ventricular boundary in mm at ``age`` (0 at 20, 3.0 at 80)."""
+    return 3.0 * ageing_progress(age) ** 1.6
 
 
 def cortical_atrophy_mm(age: float | np.ndarray) -> float | np.ndarray:
-    """Depth in mm of cortex next to sulcal CSF that has turned into CSF (0 at 20, 2.0 at 80)."""
-    return 2.0 * ageing_progress(age) ** 1.3
+    """Depth in mm of cortex next to sulcal CSF that has turned into CSF (0 at 20, 2.4 at 80)."""
+    return 2.4 * ageing_progress(age) ** 1.2
 
 
 def wm_intensity_factor(age: float | np.ndarray) -> float | np.ndarray:

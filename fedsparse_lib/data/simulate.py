@@ -98,11 +98,11 @@ class SubjectSpec:
     head_scale : float
         Linear brain size relative to MNI (about 1 +- 0.04; males 2 % larger).
     ventricle_factor : float
-        Individual multiplier of age-related ventricle growth (log-normal, sd 0.2).
+        Individual multiplier of age-related ventricle growth (log-normal, sd 0.1).
     ventricle_offset_mm : float
         Individual ventricle size independent of age, in mm of boundary shift.
     cortex_factor : float
-        Individual multiplier of cortical atrophy (log-normal, sd 0.2).
+        Individual multiplier of cortical atrophy (log-normal, sd 0.1).
     seed : tuple of int
         Entropy of the subject's ``SeedSequence`` (deformation, lesions, bias, noise).
     """
@@ -200,7 +200,7 @@ def _upsample(coarse: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
 
 
 def simulate_subject(anatomy: TemplateAnatomy, subject: SubjectSpec, site: SiteProfile, *, raw: bool = False,
-                     deform_mm: float = 2.0) -> SimulatedScan:
+                     deform_mm: float = 1.25) -> SimulatedScan:
     """Simulate one subject's T1 scan.
 
     Parameters
@@ -212,7 +212,7 @@ def simulate_subject(anatomy: TemplateAnatomy, subject: SubjectSpec, site: SiteP
     raw : bool, default False
         Unprocessed scan (scalp, skull, misplacement, site grid) instead of the skull-stripped
         2 mm MNI-space image.
-    deform_mm : float, default 2.0
+    deform_mm : float, default 1.25
         Standard deviation in mm of the smooth random deformation (individual anatomy).
 
     Returns
@@ -301,13 +301,18 @@ def simulate_subject(anatomy: TemplateAnatomy, subject: SubjectSpec, site: SiteP
 
     # volumes in the subject's native space (standard images were shrunk or grown by 1 / s)
     voxel_ml = float(abs(np.linalg.det(out_affine[:3, :3]))) / 1000.0 * (1.0 if raw else subject.head_scale**3)
+    def total(t: torch.Tensor) -> float:
+        # float64 sum rounded to 1e-6 ml: torch's SIMD and scalar paths differ in the last float32
+        # bit, and which voxels take which path depends on the thread count
+        return round(float(t.numpy().sum(dtype=np.float64)) * voxel_ml, 6)
+
     truth = {
-        "gm_ml": float(gm.sum()) * voxel_ml,
-        "wm_ml": float(wm.sum()) * voxel_ml,
-        "csf_ml": float(csf.sum()) * voxel_ml,
-        "ventricle_ml": float((csf * (d_vent < rv + 1.0)).sum()) * voxel_ml,
-        "lesion_ml": float(lesion.sum()) * voxel_ml,
-        "brain_ml": float(brain.sum()) * voxel_ml,
+        "gm_ml": total(gm),
+        "wm_ml": total(wm),
+        "csf_ml": total(csf),
+        "ventricle_ml": total(csf * (d_vent < rv + 1.0)),
+        "lesion_ml": total(lesion),
+        "brain_ml": total(brain),
     }
     brain_mask = (brain_full > 0.5).numpy()
     image = torch.zeros(out_shape, dtype=torch.float32)
@@ -321,7 +326,7 @@ def simulate_subject(anatomy: TemplateAnatomy, subject: SubjectSpec, site: SiteP
         img = ndi.gaussian_filter(img, sigma=site.blur_mm / voxel_mm, mode="constant")
     bias_sd = site.bias * (2.5 if raw else 1.0)
     log_bias = _upsample(_smooth_field(rng, (1, 5, 5, 5), sigma=(0, 0.8, 0.8, 0.8)) * bias_sd, out_shape)[0]
-    gain = site.gain * float(np.exp(rng.normal(0.0, 0.2)))  # arbitrary per-scan scaling
+    gain = site.gain * float(np.exp(rng.normal(0.0, 0.3)))  # arbitrary per-scan scaling
     sigma = np.float32(site.noise * site.gain)
     # skull-stripped images are exactly 0 outside the brain: only the brain's voxels are imaged
     where = slice(None) if raw else brain_mask

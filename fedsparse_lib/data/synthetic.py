@@ -122,11 +122,11 @@ def sample_subjects(n_subjects: int, sites: Sequence[SiteProfile], *, seed: int,
     """
     _check_positive_int("n_subjects", n_subjects)
     lo, hi = _check_age_range(age_range)
-    if not (np.isfinite(sigma_gap) and sigma_gap >= 0):
-        raise ValueError(f"sigma_gap must be a finite number >= 0 (years), got {sigma_gap!r}")
+    _check_sigma_gap(sigma_gap)
+    _check_seed(seed)
     weights = _rng(seed, 2).uniform(0.5, 1.5, size=len(sites))
     weights /= weights.sum()
-    width = len(str(max(n_subjects, 9999)))
+    width = _id_width(n_subjects)
     subjects = []
     for i in range(n_subjects):
         rng = _rng(seed, 1, i)
@@ -145,9 +145,9 @@ def sample_subjects(n_subjects: int, sites: Sequence[SiteProfile], *, seed: int,
                 sex=sex,
                 site=site.name,
                 head_scale=scale,
-                ventricle_factor=float(np.exp(rng.normal(0.0, 0.2))),
-                ventricle_offset_mm=float(rng.normal(0.0, 0.35)),
-                cortex_factor=float(np.exp(rng.normal(0.0, 0.2))),
+                ventricle_factor=float(np.exp(rng.normal(0.0, 0.1))),
+                ventricle_offset_mm=float(rng.normal(0.0, 0.15)),
+                cortex_factor=float(np.exp(rng.normal(0.0, 0.1))),
                 seed=(int(seed), 3, i),
             )
         )
@@ -196,6 +196,8 @@ def synthesize_cohort(out_dir: str | os.PathLike, *, n_subjects: int, seed: int,
     lo, hi = _check_age_range(age_range)
     _check_positive_int("n_subjects", n_subjects)
     _check_positive_int("n_sites", n_sites)
+    _check_seed(seed)
+    _check_sigma_gap(sigma_gap)
     if n_jobs is None:
         n_jobs = os.cpu_count() or 1
     _check_positive_int("n_jobs", n_jobs)
@@ -207,6 +209,8 @@ def synthesize_cohort(out_dir: str | os.PathLike, *, n_subjects: int, seed: int,
     config_path = truth_dir / "synth_config.json"
     if out.exists() and any(out.iterdir()):
         previous = _read_json(config_path)
+        if not isinstance(previous, dict) or previous.get("generator") != config["generator"]:
+            previous = None
         if previous != config:
             if previous is None:
                 raise FileExistsError(
@@ -217,7 +221,8 @@ def synthesize_cohort(out_dir: str | os.PathLike, *, n_subjects: int, seed: int,
                     "pass overwrite=True (--overwrite) to replace it")
             logger.info("replacing the cohort in %s", out)
             _remove_cohort(out)
-        elif (out / "participants.tsv").exists():
+        elif (out / "participants.tsv").exists() and all(
+                _subject_done(out, f"sub-{i + 1:0{_id_width(n_subjects)}d}") for i in range(n_subjects)):
             logger.info("cohort in %s is complete and up to date; reusing it", out)
             return pd.read_csv(out / "participants.tsv", sep="\t", dtype={"participant_id": str, "site": str})
     truth_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +231,7 @@ def synthesize_cohort(out_dir: str | os.PathLike, *, n_subjects: int, seed: int,
     sites = sample_sites(n_sites, seed=seed, age_range=(lo, hi))
     subjects = sample_subjects(n_subjects, sites, seed=seed, age_range=(lo, hi), sigma_gap=sigma_gap)
     site_of = {s.name: s for s in sites}
-    todo = [s for s in subjects if not _truth_path(out, s.participant_id).exists()]
+    todo = [s for s in subjects if not _subject_done(out, s.participant_id)]
     if len(todo) < len(subjects):
         logger.info("resuming: %d of %d subjects already written", len(subjects) - len(todo), len(subjects))
     anatomy = load_template_anatomy(cache_dir=cache_dir)  # computes the cache before workers start
@@ -349,6 +354,16 @@ def save_img_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
         raise
 
 
+def _id_width(n_subjects: int) -> int:
+    """Digits of participant labels: 4 (sub-0001) up to 9,999 subjects, more beyond."""
+    return len(str(max(n_subjects, 9999)))
+
+
+def _subject_done(out: Path, pid: str) -> bool:
+    """A subject is complete when its image and its truth record (written last) both exist."""
+    return _truth_path(out, pid).exists() and (out / pid / "anat" / f"{pid}_T1w.nii.gz").exists()
+
+
 def _truth_path(out: Path, pid: str) -> Path:
     return out / "derivatives" / "truth" / pid / f"{pid}_truth.json"
 
@@ -391,6 +406,20 @@ _PARTICIPANTS_SIDECAR = {
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
+def _check_sigma_gap(sigma_gap: Any) -> None:
+    try:
+        ok = np.isfinite(float(sigma_gap)) and float(sigma_gap) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"sigma_gap must be a finite number >= 0 (years), got {sigma_gap!r}")
 
 
 def _check_age_range(age_range: Sequence[float]) -> tuple[float, float]:
