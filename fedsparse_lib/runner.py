@@ -98,7 +98,7 @@ def _kernel_name() -> str:
 def run_suite(*, profile: str | os.PathLike = "quick", out_dir: str | os.PathLike = "results",
               data_dir: str | os.PathLike | None = None, notebooks: Sequence[str] | None = None,
               notebook_dir: str | os.PathLike | None = None, kernel_name: str | None = None,
-              progress: bool = True) -> pd.DataFrame:
+              progress: bool | None = None) -> pd.DataFrame:
     """Generate or reuse the dataset, then execute the notebooks in order.
 
     Parameters
@@ -111,15 +111,21 @@ def run_suite(*, profile: str | os.PathLike = "quick", out_dir: str | os.PathLik
         Only these notebooks (stems such as ``00_synthetic_cohort``).
     notebook_dir : path, optional
     kernel_name : str, optional
-    progress : bool
+        Jupyter kernel; default the ``fedsparse`` kernel that ``make`` installs, else ``python3``.
+    progress : bool, optional
+        Progress bars; default only when standard error is a terminal (clean logs when headless).
 
     Returns
     -------
     pandas.DataFrame
         notebook, status (``ok`` / ``failed``), seconds, output, error.
     """
+    import sys
+
     import papermill as pm
 
+    if progress is None:
+        progress = sys.stderr.isatty()
     nb_dir = Path(notebook_dir) if notebook_dir is not None else default_notebook_dir()
     config = load_profile(profile, notebook_dir=nb_dir)
     paths = find_notebooks(nb_dir, notebooks)
