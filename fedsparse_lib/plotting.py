@@ -4,6 +4,9 @@ and never calls ``show()``."""
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,7 +55,8 @@ def plot_gap_distribution(truth: pd.DataFrame, *, sigma_gap: float, ax: Axes | N
                 label=f"N(0, {sigma_gap:g}²)")
     ax.axvline(0, color="0.5", lw=0.8)
     ax.set(xlabel="brain-age gap = biological - chronological age (years)", ylabel="density")
-    ax.legend()
+    if sigma_gap > 0:
+        ax.legend()
     return ax
 
 
@@ -79,12 +83,8 @@ def plot_slices(volume: np.ndarray, *, title: str = "", axes: np.ndarray | None 
     return axes
 
 
-def save_figure(fig: plt.Figure, path: str) -> None:
+def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
     """Save a figure atomically (PNG, 120 dpi), creating the folder."""
-    import os
-    import tempfile
-    from pathlib import Path
-
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)

@@ -95,6 +95,38 @@ def _kernel_name() -> str:
         return "python3"
 
 
+_COHORT_KEYS = {"n_subjects", "seed", "n_sites", "age_range", "sigma_gap", "raw", "n_jobs"}
+
+
+def _check_profile_against_notebooks(config: dict, paths: Sequence[Path], all_paths: Sequence[Path],
+                                     pm: Any) -> dict[Path, dict]:
+    """Fail before anything runs if the profile names unknown notebooks, parameters or cohort keys."""
+    unknown_cohort = set(config["cohort"]) - _COHORT_KEYS
+    if unknown_cohort:
+        raise ValueError(f"profile cohort has unknown keys {sorted(unknown_cohort)}; allowed: {sorted(_COHORT_KEYS)}")
+    stems = {p.stem for p in all_paths}
+    unknown_nb = set(config["notebooks"]) - stems
+    if unknown_nb:
+        raise ValueError(f"profile sets parameters for unknown notebooks {sorted(unknown_nb)}; "
+                         f"notebooks: {sorted(stems)}")
+    declared_by_path = {}
+    for path in paths:
+        declared = pm.inspect_notebook(str(path))
+        unknown = set(config["notebooks"].get(path.stem) or {}) - set(declared)
+        if unknown:
+            raise ValueError(f"profile sets {sorted(unknown)} for {path.stem}, which declares only {sorted(declared)}")
+        declared_by_path[path] = declared
+    return declared_by_path
+
+
+def _describe_error(exc: BaseException) -> str:
+    """One line naming what a notebook raised (papermill's own message starts with a newline)."""
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    text = f"{ename}: {evalue}" if ename else f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def run_suite(*, profile: str | os.PathLike = "quick", out_dir: str | os.PathLike = "results",
               data_dir: str | os.PathLike | None = None, notebooks: Sequence[str] | None = None,
               notebook_dir: str | os.PathLike | None = None, kernel_name: str | None = None,
@@ -129,6 +161,7 @@ def run_suite(*, profile: str | os.PathLike = "quick", out_dir: str | os.PathLik
     nb_dir = Path(notebook_dir) if notebook_dir is not None else default_notebook_dir()
     config = load_profile(profile, notebook_dir=nb_dir)
     paths = find_notebooks(nb_dir, notebooks)
+    declared_by_path = _check_profile_against_notebooks(config, paths, find_notebooks(nb_dir), pm)
     out = Path(out_dir).resolve()
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(parents=True, exist_ok=True)
@@ -149,14 +182,10 @@ def run_suite(*, profile: str | os.PathLike = "quick", out_dir: str | os.PathLik
 
     kernel = kernel_name or _kernel_name()
     rows = []
-    for path in paths:
+    for path, declared in declared_by_path.items():
         stem = path.stem
-        declared = pm.inspect_notebook(str(path))
         params = {**config["parameters"], **(config["notebooks"].get(stem) or {}),
                   "data_dir": str(data_path), "output_dir": str(out / stem)}
-        unknown = set(config["notebooks"].get(stem) or {}) - set(declared)
-        if unknown:
-            raise ValueError(f"profile sets {sorted(unknown)} for {stem}, which declares only {sorted(declared)}")
         params = {k: v for k, v in params.items() if k in declared}
         target = out / "notebooks" / path.name
         failed = target.with_name(f"{stem}.FAILED.ipynb")
@@ -171,8 +200,10 @@ def run_suite(*, profile: str | os.PathLike = "quick", out_dir: str | os.PathLik
             failed.unlink(missing_ok=True)
             status, error, output = "ok", "", target
         except Exception as exc:  # a failing notebook is recorded, the suite goes on
-            os.replace(tmp, failed) if Path(tmp).exists() else None
-            status, error, output = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:300], failed
+            if Path(tmp).exists():
+                os.replace(tmp, failed)
+            target.unlink(missing_ok=True)  # no stale success beside the failure
+            status, error, output = "failed", _describe_error(exc), failed
             logger.error("%s failed: %s (executed notebook kept as %s)", path.name, error, failed)
         rows.append({"notebook": stem, "status": status, "seconds": round(time.perf_counter() - start, 1),
                      "output": str(output), "error": error})

@@ -52,11 +52,11 @@ def global_statistics(volume: np.ndarray) -> dict[str, float]:
     the non-zero voxels.
     """
     v = np.asarray(volume, dtype=np.float32)
-    nz = v[v > 0]
+    nz = v[v != 0]
     if nz.size == 0:
         nz = np.zeros(1, dtype=np.float32)
     return {
-        "mean": float(v.mean()), "std": float(v.std()), "nonzero_fraction": float((v > 0).mean()),
+        "mean": float(v.mean()), "std": float(v.std()), "nonzero_fraction": float((v != 0).mean()),
         "nonzero_mean": float(nz.mean()), "nonzero_median": float(np.median(nz)),
         "nonzero_p90": float(np.percentile(nz, 90)),
     }
@@ -73,7 +73,7 @@ def single_feature_correlations(features: np.ndarray, target: np.ndarray) -> np.
     r = np.zeros(x.shape[1])
     ok = sx > 1e-12
     r[ok] = (xc[:, ok] * yc[:, None]).mean(axis=0) / (sx[ok] * sy)
-    return r
+    return np.clip(r, -1.0, 1.0)
 
 
 def learnability_report(manifest: pd.DataFrame, *, n_train: int, n_test: int, seed: int,
