@@ -102,3 +102,16 @@ def make_bids_dataset(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def nilearn_mask() -> np.ndarray:
+    """nilearn's MNI152 brain mask resampled (by nilearn, an independent implementation) to the 2 mm model grid."""
+    from nilearn import datasets, image
+
+    from fedsparse_lib.data.grids import MNI_2MM_AFFINE, MNI_2MM_SHAPE
+
+    target = nib.Nifti1Image(np.zeros(MNI_2MM_SHAPE, dtype=np.uint8), np.array(MNI_2MM_AFFINE))
+    mask = image.resample_to_img(datasets.load_mni152_brain_mask(resolution=2), target,
+                                 interpolation="nearest", force_resample=True, copy_header=True)
+    return np.asarray(mask.dataobj) > 0.5

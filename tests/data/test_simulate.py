@@ -14,7 +14,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from nilearn import datasets, image
 
 from fedsparse_lib.data import ageing
 from fedsparse_lib.data.anatomy import PAD_VOXELS, load_template_anatomy
@@ -37,15 +36,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def anatomy():
     return load_template_anatomy()
-
-
-@pytest.fixture(scope="module")
-def nilearn_mask() -> np.ndarray:
-    """nilearn's MNI152 brain mask resampled (by nilearn) to the 2 mm model grid."""
-    target = nib.Nifti1Image(np.zeros(MNI_2MM_SHAPE, dtype=np.uint8), np.array(MNI_2MM_AFFINE))
-    mask = image.resample_to_img(datasets.load_mni152_brain_mask(resolution=2), target,
-                                 interpolation="nearest", force_resample=True, copy_header=True)
-    return np.asarray(mask.dataobj) > 0.5
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from nilearn import datasets, image
 from scipy import ndimage as ndi
 from scipy import stats
 
@@ -91,15 +90,6 @@ def raw_cohort(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
     root = tmp_path_factory.mktemp("raw") / "cohort"
     participants = synthesize_cohort(root, n_subjects=2, seed=RAW_SEED, raw=True, **FAST)
     return root, participants
-
-
-@pytest.fixture(scope="module")
-def nilearn_mask() -> np.ndarray:
-    """nilearn's MNI152 brain mask resampled (by nilearn) to the 2 mm model grid."""
-    target = nib.Nifti1Image(np.zeros(MNI_2MM_SHAPE, dtype=np.uint8), np.array(MNI_2MM_AFFINE))
-    mask = image.resample_to_img(datasets.load_mni152_brain_mask(resolution=2), target,
-                                 interpolation="nearest", force_resample=True, copy_header=True)
-    return np.asarray(mask.dataobj) > 0.5
 
 
 @pytest.fixture(scope="module")
