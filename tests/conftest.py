@@ -10,6 +10,10 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+
+# Tiny tensors on a shared 2-core machine: one torch thread avoids spin-waiting between two.
+torch.set_num_threads(1)
 
 # A coarse 8 mm RAS+ grid covering the MNI field of view: tiny images (23 x 28 x 23 voxels) that
 # the loaders accept and the resampler can bring to the 2 / 4 / 6 mm grids.
