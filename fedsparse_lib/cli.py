@@ -4,6 +4,7 @@ Subcommands
 -----------
 synth       generate a synthetic brain-MRI cohort (BIDS-like)
 check-data  report every problem of a dataset at once (exit 1 if any)
+download    fetch a real dataset and convert it to the BIDS-like layout
 run         execute the notebook suite headlessly with papermill
 """
 
@@ -42,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="dataset folder (participants.tsv, sub-*/anat/*_T1w.nii.gz)")
     p.add_argument("--no-images", action="store_true", help="check the table and file names only")
 
+    from .data.download import add_download_arguments
+
+    p = sub.add_parser("download", help="download a real dataset (IXI, OASIS-1, ds000030) and convert it",
+                       description="Print the licence, fetch (resumable, checksum-verified), extract safely and "
+                                   "convert to the BIDS-like layout.")
+    add_download_arguments(p)
+
     p = sub.add_parser("run", help="execute the notebook suite with papermill",
                        description="Generate (or reuse) the cohort and execute every notebook headlessly.")
     p.add_argument("--profile", default="quick", help="parameter profile: quick (CPU, minutes) or paper")
@@ -64,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_data(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "download":
+            from .data.download import run_download
+
+            return run_download(args, echo_fn=_echo)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         _echo(f"fedsparse {args.command}: error: {exc}", err=True)
         return 2

@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Download the T1w scans of OpenNeuro ds000030 (CC0) and convert them to the BIDS-like layout.
+
+    python data_download/openneuro_ds000030.py --out data/ds000030 --dry-run
+    python data_download/openneuro_ds000030.py --out data/ds000030
+
+Fetches participants.tsv and dataset_description.json, then one T1w scan per participant with an
+age and a T1w scan (~262 files, ~2.6 GB) from OpenNeuro's public S3 bucket into OUT/sourcedata/,
+and writes OUT/participants.tsv (age, sex, site = UCLA, diagnosis). No checksums are published:
+each file's sha256 is recorded in OUT/sourcedata/checksums.lock.json on first download and
+checked on later runs. See data_download/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fedsparse_lib.data.download import add_download_arguments, run_download
+
+DATASET = "ds000030"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments, download and convert; return the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_download_arguments(parser, dataset=DATASET)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_download(args, echo_fn=print, dataset=DATASET)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
