@@ -6,7 +6,7 @@ given, the parameters every notebook receives, and per-notebook overrides::
     cohort: {n_subjects: 300, seed: 0, n_sites: 3, age_range: [45, 82], sigma_gap: 3.0}
     parameters: {resolution_mm: 6, seed: 0, device: cpu}
     notebooks:
-      00_synthetic_cohort: {n_show: 4}
+      01_mri_preprocessing: {n_show: 4}
 
 Each notebook receives only the parameters its ``parameters`` cell declares, plus ``data_dir``
 and ``output_dir`` (``<out>/<notebook stem>``). Executed notebooks go to ``<out>/notebooks``; a
@@ -140,7 +140,7 @@ def run_suite(*, profile: str | os.PathLike = "quick", out_dir: str | os.PathLik
     data_dir : path, optional
         A BIDS-like dataset; default: the profile's synthetic cohort in ``<out>/data/synthetic``.
     notebooks : sequence of str, optional
-        Only these notebooks (stems such as ``00_synthetic_cohort``).
+        Only these notebooks (stems such as ``01_mri_preprocessing``).
     notebook_dir : path, optional
     kernel_name : str, optional
         Jupyter kernel; default the ``fedsparse`` kernel that ``make`` installs, else ``python3``.

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import nibabel as nib
 import pandas as pd
 import pytest
 import yaml
@@ -322,3 +323,31 @@ def test_console_script_check_data_exits_1_listing_the_problems(broken_dataset):
     for problem in BROKEN_PROBLEMS:
         assert problem in result.stdout
     assert "3 problem(s)" in result.stderr
+
+
+def test_preprocess_command_writes_model_input_and_reports_qc(tmp_path, capsys):
+    # Prepare: two raw synthetic scans (the template skull strip keeps this fast)
+    from fedsparse_lib.cli import main as cli_main
+    from fedsparse_lib.data.synthetic import synthesize_cohort
+
+    synthesize_cohort(tmp_path / "raw", n_subjects=2, seed=4, raw=True, n_jobs=1, progress=False)
+    # Execute
+    code = cli_main(["preprocess", str(tmp_path / "raw"), str(tmp_path / "mni"), "--skull-strip", "template",
+                     "--jobs", "1", "--no-progress"])
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "2 of 2 subjects preprocessed" in out
+    qc = pd.read_csv(tmp_path / "mni" / "derivatives" / "preprocess" / "qc.tsv", sep="\t")
+    assert (qc["status"] == "ok").all() and (qc["dice"] > 0.95).all() and (qc["registration_error_mm"] < 2).all()
+    assert nib.load(tmp_path / "mni" / "sub-0001" / "anat" / "sub-0001_T1w.nii.gz").shape == (91, 109, 91)
+
+
+def test_download_dry_run_fetches_nothing_and_names_the_licence(tmp_path, capsys):
+    from fedsparse_lib.cli import main as cli_main
+
+    code = cli_main(["download", "ixi", "--out", str(tmp_path / "ixi"), "--dry-run", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "CC BY-SA 3.0" in out and "Dry run" in out
+    assert not (tmp_path / "ixi" / "sourcedata" / "IXI-T1.tar").exists()

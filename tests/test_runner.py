@@ -1,6 +1,6 @@
 """Tests of fedsparse_lib.runner: profiles, notebook discovery and the papermill suite runner.
 
-One real end-to-end run (module-scoped, about half a minute) executes the repository's notebook 00
+One real end-to-end run (module-scoped, about half a minute) executes the repository's notebook 01
 on a 24-subject synthetic cohort, beside a tiny notebook that fails on purpose and runs first; the
 other tests use tiny hand-written notebooks on a 4-subject dataset, or no kernel at all.
 """
@@ -19,18 +19,19 @@ import yaml
 from fedsparse_lib.runner import find_notebooks, load_profile, run_suite
 
 REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-COHORT_NOTEBOOK = "00_synthetic_cohort"
+COHORT_NOTEBOOK = "01_mri_preprocessing"
 FAILING_NOTEBOOK = "00_fails"  # sorts before the cohort notebook: the suite must go on after it
 KERNEL = "python3"  # the virtualenv's own ipykernel
 TINY_PROFILE = {
     "description": "test profile: a 24-subject cohort, everything small",
     "cohort": {"n_subjects": 24, "seed": 0, "n_sites": 3, "age_range": [45, 82], "sigma_gap": 3.0, "n_jobs": 1},
     "parameters": {"seed": 0, "resolution_mm": 6, "device": "cpu"},
-    "notebooks": {COHORT_NOTEBOOK: {"n_show": 2, "n_learnability": 24}},
+    "notebooks": {COHORT_NOTEBOOK: {"n_show": 2, "n_subjects": 1, "n_jobs": 1}},
 }
-FIGURES = ["ages_by_site.png", "gallery_by_age.png", "volumes_vs_age.png", "brain_age_gap.png",
-           "intensity_by_site.png"]
-TABLES = ["cohort_summary.csv", "learnability.csv", "volume_trends.csv"]
+FIGURES = ["raw_scan.png", "n4_bias_field.png", "brain_mask.png", "registration_overlay.png",
+           "intensity_normalisation.png", "ages_by_site.png", "gallery_by_age.png", "mean_image_per_decade.png",
+           "volumes_vs_age.png", "brain_age_gap.png", "intensity_by_site.png"]
+TABLES = ["cohort_summary.csv", "learnability.csv", "qc.csv", "step_seconds.csv", "volume_trends.csv"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,11 +169,11 @@ def test_find_notebooks_in_the_repository_starts_with_the_cohort_notebook():
 
 
 # --------------------------------------------------------------------------------------------
-# run_suite: one real run of notebook 00 beside a failing notebook
+# run_suite: one real run of notebook 01 beside a failing notebook
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
-    """Notebook 00 (real) and 00_fails executed with a tiny profile; returns (out_dir, summary)."""
+    """Notebook 01 (real) and 00_fails executed with a tiny profile; returns (out_dir, summary)."""
     base = tmp_path_factory.mktemp("suite")
     nb_dir = base / "notebooks"
     nb_dir.mkdir()
@@ -209,7 +210,7 @@ def test_suite_executes_the_cohort_notebook_with_the_profile_parameters(suite):
     injected = [c for c in cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1
     source = injected[0].source
-    assert "n_show = 2" in source and "n_learnability = 24" in source and "seed = 0" in source
+    assert "n_show = 2" in source and "n_subjects = 1" in source and "seed = 0" in source
     assert f'output_dir = "{out / COHORT_NOTEBOOK}"' in source
     assert "device" not in source  # a profile parameter the notebook does not declare is not passed
     assert all(c.execution_count is not None for c in cells)
