@@ -50,17 +50,26 @@ class BrainAgeCNN(nn.Module):
     width : float, default 1.0
         Channel multiplier (0.5 halves every layer's channels); at least one channel per layer.
     mean_age : float, default 62.68
-        Initial bias of the output layer in years (the paper: UK Biobank's mean training age).
+        Initial prediction in years (the paper: UK Biobank's mean training age), set through the
+        output layer's bias.
+    output_scale : float, default 1.0
+        Fixed (not trained) multiplier of the output layer, in years per unit. 1 is the paper. A
+        value near the standard deviation of the ages (e.g. 10) lets the network reach the age range
+        in a few hundred steps instead of thousands: a departure from the paper used by the CPU
+        quick profile; the parameter count is unchanged.
     """
 
     def __init__(self, input_shape: tuple[int, int, int] = (91, 109, 91), *, width: float = 1.0,
-                 mean_age: float = 62.68) -> None:
+                 mean_age: float = 62.68, output_scale: float = 1.0) -> None:
         super().__init__()
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3 or min(shape) < 4:
             raise ValueError(f"input_shape must be 3 sizes of at least 4 voxels, got {input_shape!r}")
         if not (width > 0):
             raise ValueError(f"width must be > 0, got {width!r}")
+        if not (output_scale > 0):
+            raise ValueError(f"output_scale must be > 0, got {output_scale!r}")
+        self.output_scale = float(output_scale)
         self.input_shape = shape
         self.width = float(width)
         channels = [max(1, int(round(c * width))) for c in PAPER_CHANNELS]
@@ -82,13 +91,13 @@ class BrainAgeCNN(nn.Module):
         self.reset_parameters(mean_age=mean_age)
 
     def reset_parameters(self, *, mean_age: float = 62.68) -> None:
-        """Glorot-uniform kernels, zero biases, output bias = ``mean_age`` (years)."""
+        """Glorot-uniform kernels, zero biases, initial prediction ``mean_age`` (years) through the output bias."""
         convs = [m for m in self.modules() if isinstance(m, nn.Conv3d)]
         for conv in convs:
             nn.init.xavier_uniform_(conv.weight)
             nn.init.zeros_(conv.bias)
         with torch.no_grad():
-            convs[-1].bias.fill_(float(mean_age))
+            convs[-1].bias.fill_(float(mean_age) / self.output_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Predict ages.
@@ -104,7 +113,8 @@ class BrainAgeCNN(nn.Module):
         """
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"expected input of shape (batch, 1, X, Y, Z), got {tuple(x.shape)}")
-        return self.net(x).flatten()
+        out = self.net(x).flatten()
+        return out * self.output_scale if self.output_scale != 1.0 else out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,7 +15,8 @@ import seaborn as sns
 from matplotlib.axes import Axes
 
 __all__ = ["plot_age_by_site", "plot_volume_vs_age", "plot_gap_distribution", "plot_intensity_by_site",
-           "plot_slices", "save_figure"]
+           "plot_slices", "save_figure", "plot_learning_curves", "plot_metric_vs_sparsity", "plot_predicted_vs_true",
+           "plot_layer_sparsity", "plot_weight_histograms"]
 
 
 def _ax(ax: Axes | None, figsize: tuple[float, float] = (6, 4)) -> Axes:
@@ -95,3 +96,62 @@ def save_figure(fig: plt.Figure, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def plot_learning_curves(history: pd.DataFrame, *, metric: str = "mae", ax: Axes | None = None,
+                         hue: str = "model", floor: float | None = None) -> Axes:
+    """Test ``metric`` per epoch for each model (tidy history with columns epoch, split, metric, value, ``hue``)."""
+    ax = _ax(ax)
+    data = history[(history["split"] == "test") & (history["metric"] == metric)]
+    sns.lineplot(data=data, x="epoch", y="value", hue=hue, marker="o", ax=ax)
+    if floor is not None:
+        ax.axhline(floor, color="k", ls=":", label="floor (best achievable)")
+        ax.legend()
+    ax.set(xlabel="epoch", ylabel=f"test {metric.upper()} (years)" if metric in ("mae", "rmse") else metric)
+    return ax
+
+
+def plot_metric_vs_sparsity(summary: pd.DataFrame, *, metric: str = "mae", ax: Axes | None = None,
+                            references: dict[str, float] | None = None) -> Axes:
+    """Final test ``metric`` against sparsity (tidy summary with columns sparsity, ``metric``), with reference lines."""
+    ax = _ax(ax)
+    ax.plot(summary["sparsity"], summary[metric], "o-", color="C0", label="3D-CNN")
+    for i, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color=f"C{i + 1}", ls="--" if i else ":", label=name)
+    ax.set(xlabel="sparsity (fraction of zeroed weights)", ylabel=f"test {metric.upper()} (years)")
+    ax.legend()
+    return ax
+
+
+def plot_predicted_vs_true(predictions: pd.DataFrame, *, hue: str | None = None, ax: Axes | None = None) -> Axes:
+    """Predicted against true age (columns age, predicted), with the identity line."""
+    ax = _ax(ax, figsize=(4.5, 4.5))
+    sns.scatterplot(data=predictions, x="age", y="predicted", hue=hue, s=18, alpha=0.8, ax=ax)
+    lo = float(min(predictions["age"].min(), predictions["predicted"].min()))
+    hi = float(max(predictions["age"].max(), predictions["predicted"].max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set(xlabel="age (years)", ylabel="predicted age (years)")
+    return ax
+
+
+def plot_layer_sparsity(layer_sparsity: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
+    """Heatmap of per-tensor sparsity over epochs (tidy: epoch, name, sparsity)."""
+    ax = _ax(ax, figsize=(8, 4))
+    table = layer_sparsity.pivot(index="name", columns="epoch", values="sparsity")
+    table = table.loc[list(dict.fromkeys(layer_sparsity["name"]))]
+    sns.heatmap(table, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar_kws={"label": "sparsity"})
+    ax.set(xlabel="epoch", ylabel="")
+    return ax
+
+
+def plot_weight_histograms(weights: dict[str, np.ndarray], *, ax: Axes | None = None) -> Axes:
+    """Histograms of |w| (log scale) of the non-zero weights of several models ({label: flat weights})."""
+    ax = _ax(ax)
+    for label, w in weights.items():
+        w = np.abs(np.asarray(w, dtype=np.float64))
+        w = w[w > 0]
+        if w.size:
+            ax.hist(np.log10(w), bins=80, histtype="step", density=True, label=f"{label} ({w.size:,} non-zero)")
+    ax.set(xlabel="log10 |w| of the non-zero weights", ylabel="density")
+    ax.legend(fontsize=8)
+    return ax

@@ -101,3 +101,24 @@ def test_flops_by_hand_on_a_tiny_model():
     expected = sum(2 * 27 * a * b * n for a, b, n in zip(chans[:-1], chans[1:], sizes))
     expected += 2 * 8 * 2 * 2 ** 3 + 2 * 2 * 1 * 1
     assert flops_per_volume(model) == expected
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_output_scale_keeps_the_initial_prediction_at_the_mean_age(scale):
+    torch.manual_seed(0)
+    model = BrainAgeCNN((16, 16, 16), width=0.125, mean_age=61.0, output_scale=scale)
+    with torch.no_grad():
+        model.net.output.weight.zero_()  # only the bias is left: the prediction is exactly the mean age
+    assert model(torch.randn(2, 1, 16, 16, 16)).tolist() == pytest.approx([61.0, 61.0])
+    assert count_parameters(model) == count_parameters(BrainAgeCNN((16, 16, 16), width=0.125))
+
+
+def test_output_scale_multiplies_the_output_layer():
+    torch.manual_seed(0)
+    plain = BrainAgeCNN((16, 16, 16), width=0.125, mean_age=60.0)
+    scaled = BrainAgeCNN((16, 16, 16), width=0.125, mean_age=60.0, output_scale=10.0)
+    scaled.load_state_dict(plain.state_dict())  # same weights, bias 60 -> prediction 10 x plain's
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert torch.allclose(scaled(x), 10.0 * plain(x))
+    with pytest.raises(ValueError, match="output_scale"):
+        BrainAgeCNN((16, 16, 16), output_scale=0.0)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["LearnabilityReport", "learnability_report", "global_statistics", "single_feature_correlations"]
+__all__ = ["LearnabilityReport", "learnability_report", "global_statistics", "single_feature_correlations",
+           "ridge_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,34 @@ def single_feature_correlations(features: np.ndarray, target: np.ndarray) -> np.
     return np.clip(r, -1.0, 1.0)
 
 
+def ridge_reference(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                    y_test: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Ridge regression (penalty by leave-one-out CV over 1e-1..1e5) on flattened volumes.
+
+    Parameters
+    ----------
+    x_train, x_test : numpy.ndarray of shape (n, ...)
+        Volumes (flattened internally).
+    y_train, y_test : numpy.ndarray of shape (n,)
+        Ages in years.
+
+    Returns
+    -------
+    mae : float
+        Test mean absolute error in years.
+    alpha : float
+        The chosen penalty.
+    predicted : numpy.ndarray of shape (n_test,)
+    """
+    from sklearn.linear_model import RidgeCV
+
+    xt = np.asarray(x_train, dtype=np.float64).reshape(len(x_train), -1)
+    xs = np.asarray(x_test, dtype=np.float64).reshape(len(x_test), -1)
+    ridge = RidgeCV(alphas=np.logspace(-1, 5, 25)).fit(xt, np.asarray(y_train, dtype=float))
+    predicted = ridge.predict(xs)
+    return float(np.abs(predicted - np.asarray(y_test, dtype=float)).mean()), float(ridge.alpha_), predicted
+
+
 def learnability_report(manifest: pd.DataFrame, *, n_train: int, n_test: int, seed: int,
                         resolution_mm: float = 6.0, sigma_gap: float | None = None,
                         progress: bool = True) -> LearnabilityReport:
@@ -98,7 +127,7 @@ def learnability_report(manifest: pd.DataFrame, *, n_train: int, n_test: int, se
     -------
     LearnabilityReport
     """
-    from sklearn.linear_model import LinearRegression, RidgeCV
+    from sklearn.linear_model import LinearRegression
     from tqdm.auto import tqdm
 
     from .datasets import resample_volume, zscore
@@ -121,8 +150,7 @@ def learnability_report(manifest: pd.DataFrame, *, n_train: int, n_test: int, se
     y = rows["age"].to_numpy(dtype=float)
     tr, te = np.arange(n_train), np.arange(n_train, n_train + n_test)
 
-    ridge = RidgeCV(alphas=np.logspace(-1, 5, 25)).fit(x[tr], y[tr])
-    ridge_mae = float(np.abs(ridge.predict(x[te]) - y[te]).mean())
+    ridge_mae, ridge_alpha, _ = ridge_reference(x[tr], y[tr], x[te], y[te])
     mean_mae = float(np.abs(y[tr].mean() - y[te]).mean())
 
     def single_mae(column: np.ndarray) -> float:
@@ -135,7 +163,7 @@ def learnability_report(manifest: pd.DataFrame, *, n_train: int, n_test: int, se
     j = int(np.argmax(np.abs(r_glob)))
     return LearnabilityReport(
         n_train=n_train, n_test=n_test, resolution_mm=float(resolution_mm),
-        ridge_mae=ridge_mae, ridge_alpha=float(ridge.alpha_), mean_predictor_mae=mean_mae,
+        ridge_mae=ridge_mae, ridge_alpha=ridge_alpha, mean_predictor_mae=mean_mae,
         ratio=ridge_mae / mean_mae,
         floor_mae=None if sigma_gap is None else mae_floor(sigma_gap),
         best_voxel_abs_r=float(abs(r_vox[k])), best_voxel_test_mae=single_mae(x[:, k]),
