@@ -60,7 +60,7 @@ class ProgressiveResult:
         Final test predictions: participant_id, age, predicted, gap.
     seconds : float
     emptied : list of str
-        Tensors the final mask empties completely (layer collapse).
+        Weight tensors the final mask empties completely (layer collapse; biases are not counted).
     """
 
     model: nn.Module
@@ -176,7 +176,9 @@ def train_progressive(model: nn.Module, train_loader: DataLoader, test_loader: D
                             meta={"epoch": epoch, "sparsity": mask_sparsity(mask), "score": score,
                                   "schedule": repr(schedule), "config": config})
     _, predictions = evaluate(model, test_loader, participant_ids=test_ids, device=device)
-    emptied = emptied_layers(mask)
+    # weight tensors only: the conv biases before an instance norm are dead (always 0, no gradient),
+    # so pruning them all first is expected and harmless
+    emptied = [name for name in emptied_layers(mask) if mask[name].ndim > 1]
     if emptied:
         logger.warning("%s: the mask empties %s completely (layer collapse)", label or "model", emptied)
     layer_frame = pd.concat(layers, ignore_index=True)[["epoch", "name", "numel", "kept", "sparsity"]]
