@@ -22,11 +22,11 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+
+from _common import PeakMemory
 
 from fedsparse_lib.data.anatomy import load_template_anatomy
 from fedsparse_lib.data.preprocess import STEPS, deepbet_available, preprocess_dataset
@@ -35,35 +35,6 @@ from fedsparse_lib.data.synthetic import synthesize_cohort
 TARGET_DICE = 0.95
 TARGET_ERROR_MM = 2.0
 TARGET_S_PER_SUBJECT = 20.0
-
-
-class PeakMemory:
-    """Samples the summed RSS of this process and its children every 50 ms."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.05)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_method(raw: Path, out: Path, method: str, jobs: int, seed: int) -> dict:

@@ -13,23 +13,17 @@ checked on later runs. See data_download/README.md.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from fedsparse_lib.data.download import add_download_arguments, run_download
+from fedsparse_lib.data.download import script_main
 
 DATASET = "ds000030"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments, download and convert; return the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_download_arguments(parser, dataset=DATASET)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_download(args, echo_fn=print, dataset=DATASET)
+    return script_main(DATASET, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

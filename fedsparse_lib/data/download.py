@@ -32,6 +32,7 @@ import http.client
 import importlib.util
 import json
 import logging
+import sys
 import os
 import posixpath
 import re
@@ -44,7 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from os import PathLike
@@ -56,6 +57,7 @@ from .. import __version__
 # with add_download_arguments stays fast.
 
 __all__ = [
+    "script_main",
     "DATASETS",
     "LOCKFILE_NAME",
     "ChecksumError",
@@ -1031,3 +1033,18 @@ def run_download(args: argparse.Namespace, *, echo_fn: Callable[[str], None], da
     if not args.dry_run:
         echo_fn(f"done: {out} (check it with: fedsparse check-data {out})")
     return 0
+
+
+def script_main(dataset: str, argv: Sequence[str] | None = None, *, description: str | None = None) -> int:
+    """Entry point of the ``data_download/<dataset>.py`` scripts: parse, download, convert; exit status."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    add_download_arguments(parser, dataset=dataset)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_download(args, echo_fn=_stdout_line, dataset=dataset)
+
+
+def _stdout_line(text: str) -> None:
+    sys.stdout.write(f"{text}\n")
