@@ -1,5 +1,9 @@
-"""Federated learning: the wire codec of the messages clients and server exchange.
+"""Federated learning: the wire codec and the aggregation maths (the engine and strategies follow).
 
+aggregation
+    Pure functions over named tensors with client weights: FedAvg, majority vote (ties kept),
+    FedAvg under the majority-vote mask, masked average, FedProx's proximal term
+    (``from fedsparse_lib.federated.aggregation import ...``).
 codec
     A (possibly sparse) named state and its mask as the compact bytes of one message (dense or
     bit mask + kept values, float32 or float16 values, optional zstd), decoded exactly; the
