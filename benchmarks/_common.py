@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import psutil
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "write_results"]
 
 
 class PeakMemory:
@@ -37,3 +41,15 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def write_results(out_dir: str | os.PathLike, name: str, results: Any, *, indent: int = 2) -> Path:
+    """Write ``results`` as ``<out_dir>/<name>`` JSON atomically (temp file, then rename), print and return the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=indent))
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return path

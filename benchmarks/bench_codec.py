@@ -24,13 +24,14 @@ Prints a table and writes ``<out>/codec.json``; exits 1 if a round trip fails.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _common import write_results
 
 from fedsparse_lib.federated.codec import Encoding, ValueDType, decode, encode, paper_bytes, shannon_bound_bits
 from fedsparse_lib.models import BrainAgeCNN
@@ -120,16 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"target {kind}@{s}: best float32 {best['encoding']} ratio {best['ratio_to_bound']:.3f} "
                       f"({'met' if best['ratio_to_bound'] <= 1.10 else 'NOT met'}, target <= 1.10)")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "codec.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({
+    write_results(args.out, "codec.json", {
         "config": {"model": "BrainAgeCNN(width=1)", "parameters": n_total, "weights": "random Glorot",
                    "seed": args.seed, "zstd_level": args.level, "sparsities": args.sparsities,
                    "torch": torch.__version__, "python": platform.python_version()},
-        "rows": rows, "targets": targets, "round_trip_ok": ok}, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+        "rows": rows, "targets": targets, "round_trip_ok": ok}, indent=1)
     return 0 if ok else 1
 
 

@@ -17,7 +17,6 @@ Prints a table (measured, target, ratio) per method and writes ``<out>/preproces
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 
-from _common import PeakMemory
+from _common import PeakMemory, write_results
 
 from fedsparse_lib.data.anatomy import load_template_anatomy
 from fedsparse_lib.data.preprocess import STEPS, deepbet_available, preprocess_dataset
@@ -107,10 +106,7 @@ def main() -> int:
               f"peak memory {r['peak_rss_gib']:.2f} GiB")
         for failure in r["failures"]:
             print(f"  failed: {failure['participant_id']} at {failure['step']}: {failure['reason']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preprocess.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out / 'preprocess.json'}")
+    write_results(args.out, "preprocess.json", results)
     return 0 if ok else 1
 
 

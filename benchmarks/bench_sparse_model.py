@@ -25,7 +25,6 @@ the round trip fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _common import write_results
 
 from fedsparse_lib.models import BrainAgeCNN, count_parameters, flops_per_volume
 from fedsparse_lib.pruning import apply_mask, emptied_layers, global_magnitude_mask, mask_sparsity
@@ -205,10 +206,7 @@ def main() -> int:
               "with the same thread count.")
     print(f"1-minute load average at start {results['machine']['load_avg_1min']:.2f} on {os.cpu_count()} cpus; "
           f"total {results['total_s']:.0f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_model.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'sparse_model.json'}")
+    write_results(args.out, "sparse_model.json", results)
     ok = all(r["round_trip_exact"] and r["file_bytes_match_report"] for r in results["storage"])
     return 0 if ok else 1
 

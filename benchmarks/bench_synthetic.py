@@ -15,7 +15,6 @@ Prints a table (measured, target, ratio) and writes ``<out>/synthetic.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 
-from _common import PeakMemory
+from _common import PeakMemory, write_results
 
 from fedsparse_lib.data.anatomy import load_template_anatomy
 from fedsparse_lib.data.datasets import build_manifest
@@ -91,10 +90,7 @@ def main() -> int:
               f"(floor {mae_floor(3.0):.2f} y); best single voxel |r| {r['best_voxel_abs_r']:.2f} -> MAE "
               f"{r['best_voxel_test_mae']:.2f} y; best global statistic '{r['best_global_statistic']}' |r| "
               f"{r['best_global_abs_r']:.2f} -> MAE {r['best_global_test_mae']:.2f} y")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "synthetic.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'synthetic.json'}")
+    write_results(args.out, "synthetic.json", results)
     ok = results["generate_s"] / scale < 60 and results["peak_rss_gib"] < 4 and all(r["ratio"] <= 0.6 for r in learn)
     return 0 if ok else 1
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from _common import write_results
 
 from fedsparse_lib.models import BrainAgeCNN, count_parameters
 from fedsparse_lib.pruning import apply_mask, global_magnitude_mask, mask_sparsity
@@ -199,10 +200,7 @@ def main() -> int:
               "noisy and pessimistic. Compare with --threads 1.")
     print(f"1-minute load average at start {results['machine']['load_avg_1min']:.2f} on {os.cpu_count()} cpus; "
           f"total {results['total_s']:.0f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'training.json'}")
+    write_results(args.out, "training.json", results)
     return 0 if ok else 1
 
 

@@ -29,15 +29,6 @@ from fedsparse_lib.pruning.masks import (
 from fedsparse_lib.pruning.schedules import CubicSchedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_net(seed: int) -> nn.Sequential:
     """A small conv + linear net with random (normal) weights and biases: no ties, almost surely."""
     torch.manual_seed(seed)

@@ -24,15 +24,6 @@ from fedsparse_lib.pruning.scores import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out.flatten() - target) ** 2).mean()
 
