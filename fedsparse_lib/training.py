@@ -111,7 +111,8 @@ def apply_mask_(model: nn.Module, mask: Mask) -> None:
 
 def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 optimizer: torch.optim.Optimizer, *, mask: Mask | None = None, mask_gradients: bool = True,
-                device: str | torch.device = "cpu", loss_fn: Callable[..., torch.Tensor] | None = None) -> float:
+                device: str | torch.device = "cpu", loss_fn: Callable[..., torch.Tensor] | None = None,
+                on_backward: Callable[[nn.Module], None] | None = None) -> float:
     """One pass over ``batches`` with MSE loss, keeping pruned weights at exactly 0.
 
     Parameters
@@ -128,6 +129,9 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     device : str or torch.device
     loss_fn : callable, optional
         Default ``nn.functional.mse_loss``.
+    on_backward : callable, optional
+        Called with the model after every backward pass, before the gradients are masked (e.g. to
+        accumulate squared gradients of pruned coordinates, as PruneFL does).
 
     Returns
     -------
@@ -149,6 +153,8 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} (diverged); lower the learning rate")
         loss.backward()
+        if on_backward is not None:
+            on_backward(model)
         if tensors and mask_gradients:
             grads = [t.grad for t in tensors if t.grad is not None]
             if grads:

@@ -1,0 +1,66 @@
+"""How much client masks agree: pairwise Jaccard index and the histogram of votes.
+
+Pure functions over masks (``dict[str, torch.BoolTensor]``, ``True`` = kept), for
+FedSparsify-Local, where every client prunes its own model and the server merges by majority vote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = ["jaccard_matrix", "vote_histogram"]
+
+
+def _flat(mask: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([m.reshape(-1).bool() for m in mask.values()])
+
+
+def jaccard_matrix(masks: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """Pairwise Jaccard index ``|A & B| / |A | B|`` of the kept sets of ``K`` masks.
+
+    Parameters
+    ----------
+    masks : sequence of dict of str to torch.BoolTensor, length K
+        Same names and shapes.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape (K, K)
+        Symmetric, 1 on the diagonal; 1 for two empty masks.
+    """
+    flat = [_flat(m) for m in masks]
+    if len({f.numel() for f in flat}) > 1:
+        raise ValueError("masks have different numbers of coordinates")
+    k = len(flat)
+    out = np.ones((k, k))
+    for i in range(k):
+        for j in range(i + 1, k):
+            union = int((flat[i] | flat[j]).sum())
+            inter = int((flat[i] & flat[j]).sum())
+            out[i, j] = out[j, i] = inter / union if union else 1.0
+    return out
+
+
+def vote_histogram(masks: Sequence[Mapping[str, torch.Tensor]]) -> pd.DataFrame:
+    """How many coordinates received ``v`` votes, for ``v = 0..K``.
+
+    Parameters
+    ----------
+    masks : sequence of dict of str to torch.BoolTensor, length K
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``votes`` (0..K) and ``count`` (coordinates kept by exactly that many clients).
+    """
+    if not masks:
+        raise ValueError("no masks")
+    votes = torch.zeros(_flat(masks[0]).numel(), dtype=torch.int64)
+    for m in masks:
+        votes += _flat(m).to(torch.int64)
+    counts = torch.bincount(votes, minlength=len(masks) + 1)
+    return pd.DataFrame({"votes": np.arange(len(masks) + 1), "count": counts.numpy()})
