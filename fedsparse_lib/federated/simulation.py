@@ -374,8 +374,11 @@ def _run_client(strategy: Strategy, model: nn.Module, client: DatasetClient, dow
                               train_config=train_config, device=device, seed=seed)
         if fault_fn is not None:
             update = fault_fn(task.server_round, client.client_id, update)
-        check_update(update, state)  # the client's own check before sending (names the problem)
-        up, paper_up = encode_update(update, wire)
+        try:
+            up, paper_up = encode_update(update, wire)
+        except Exception:
+            check_update(update, state)  # name the problem (e.g. NaN at a pruned coordinate) if it can
+            raise
     except Exception as exc:  # a failing client is excluded, not fatal
         row.update(status="excluded", reason=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
         return row, None
