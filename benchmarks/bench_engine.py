@@ -47,9 +47,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded machine)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     n = args.clients * args.per_client + 60
     ages = torch.rand(n, generator=g) * 37 + 45
@@ -61,7 +62,7 @@ def main() -> int:
     def model_fn() -> BrainAgeCNN:
         return BrainAgeCNN(SHAPE, width=0.5, mean_age=63.5, output_scale=10.0)
 
-    results: dict[str, object] = {"machine": platform.processor() or platform.machine(), "threads": 2,
+    results: dict[str, object] = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                                   "parameters": count_parameters(model_fn()), "rounds": args.rounds,
                                   "clients": args.clients, "per_client": args.per_client, "target": TARGET}
     print(f"{'method':<20}{'wall s':>9}{'train':>9}{'eval':>9}{'engine':>9}{'engine/wall':>13}{'target':>9}")

@@ -242,8 +242,7 @@ def encode(state: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor] |
         flat = t.reshape(-1)
         if name in masks and encoding is Encoding.BITMASK:
             m = masks[name].reshape(-1)
-            pruned = flat[~m]
-            lost = int(torch.count_nonzero(pruned != 0)) if pruned.numel() else 0  # NaN != 0
+            lost = int(torch.count_nonzero(flat.masked_fill(m, 0)))  # NaN counts as non-zero
             if lost:
                 raise ValueError(f"tensor {name!r} holds {lost} non-zero value(s) at pruned coordinates of "
                                  f"its mask; they would be lost (apply the mask first)")

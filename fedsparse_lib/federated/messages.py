@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .aggregation import all_finite
 from .codec import Encoding, ValueDType, decode, encode, paper_bytes
 from .strategies import SQGRAD_PREFIX, ClientUpdate, ServerState
 
@@ -121,7 +122,7 @@ def check_update(update: ClientUpdate, reference: ServerState) -> None:
         if got.dtype != ref.dtype:
             raise ClientFault(f"{name} has dtype {got.dtype}, expected {ref.dtype}")
     for name, value in {**update.weights, **update.extras}.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if value.is_floating_point() and not all_finite(value):
             raise ClientFault(f"{name} has {int((~torch.isfinite(value)).sum())} non-finite value(s)")
     if set(update.mask) != set(reference.mask):
         raise ClientFault("mask names differ from the global mask's")

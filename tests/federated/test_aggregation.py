@@ -344,3 +344,11 @@ def test_proximal_term_sums_over_tensors_and_zero_mu() -> None:
 def test_proximal_term_validation(state, global_state, mu, match) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=match):
         proximal_term(state, global_state, mu)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    from fedsparse_lib.federated.aggregation import all_finite
+
+    huge = torch.full((4,), 3e38)  # finite values whose float32 sum overflows to inf
+    assert all_finite(huge) and all_finite(torch.zeros(3))
+    assert not all_finite(torch.tensor([1.0, float("nan")])) and not all_finite(torch.tensor([float("-inf"), 1.0]))
