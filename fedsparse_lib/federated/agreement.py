@@ -36,11 +36,12 @@ def jaccard_matrix(masks: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
     if len({f.numel() for f in flat}) > 1:
         raise ValueError("masks have different numbers of coordinates")
     k = len(flat)
+    sizes = [int(f.sum()) for f in flat]
     out = np.ones((k, k))
     for i in range(k):
         for j in range(i + 1, k):
-            union = int((flat[i] | flat[j]).sum())
             inter = int((flat[i] & flat[j]).sum())
+            union = sizes[i] + sizes[j] - inter
             out[i, j] = out[j, i] = inter / union if union else 1.0
     return out
 
