@@ -2,9 +2,10 @@
 
 After round ``t`` the engine writes ``round-000t.safetensors`` (the server's weights under
 ``weights/``, the mask as uint8 under ``mask/``, strategy extras under ``extras/``) and then
-``round-000t.json`` (round number, run configuration, the records so far, and the SHA-256 of the
-tensor file, and the tensors' name order, which global ranking depends on). Both are written to a temporary file and renamed, and the JSON is written last, so
-it is the commit marker: a run killed at any moment leaves either a complete checkpoint or none.
+``round-000t.json`` (round number, run configuration, the records so far, the SHA-256 of the
+tensor file, and the tensors' name order, which global ranking depends on). Both are written to a
+temporary file and renamed, and the JSON is written last, so it is the commit marker: a run killed
+at any moment leaves either a complete checkpoint or none.
 :func:`load_latest` returns the newest checkpoint whose JSON parses and whose tensor file matches
 its hash; older ones are deleted beyond ``keep_last``.
 """

@@ -43,7 +43,8 @@ from .codec import ValueDType
 from .messages import WireOptions, check_update, decode_broadcast, decode_update, encode_broadcast, encode_update
 from .strategies import ClientUpdate, ServerState, Strategy, derive_seed
 
-__all__ = ["DatasetClient", "FederatedResult", "FederationError", "num_selected", "run_federated", "select_clients"]
+__all__ = ["DatasetClient", "FederatedResult", "FederationError", "num_selected", "round_record", "run_federated",
+           "select_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,8 @@ class FederatedResult:
     votes: pd.DataFrame
     predictions: pd.DataFrame
     client_mae: pd.DataFrame
-    uploads: dict[tuple[int, int], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(default_factory=dict)
+    uploads: dict[tuple[int, int], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(
+        default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -286,7 +288,7 @@ def run_federated(strategy: Strategy, model_fn: Callable[[], nn.Module], clients
         state = strategy.initialize(model, data=init_client, train_config=train_config, local_epochs=local_epochs,
                                     device=device, seed=seed)
         start_round = 1
-        tables["rounds"].append(_round_row(0, "init", model, state, strategy, test_loader, device, [], []))
+        tables["rounds"].append(round_record(0, "init", model, state, strategy, test_loader, device, [], []))
 
     bar = tqdm(range(start_round, total_rounds + 1), desc=label or strategy.name, disable=not progress, leave=False)
     for server_round in bar:
@@ -303,8 +305,8 @@ def run_federated(strategy: Strategy, model_fn: Callable[[], nn.Module], clients
         decode_seconds = time.perf_counter() - t0
         updates: list[ClientUpdate] = []
         for client_id in chosen:
-            row, update = _run_client(strategy, work_model, by_id[client_id], down, received, decode_seconds, task, state,
-                                      local_epochs=local_epochs,
+            row, update = _run_client(strategy, work_model, by_id[client_id], down, received, decode_seconds, task,
+                                      state, local_epochs=local_epochs,
                                       train_config=train_config, device=device, seed=seed, wire=wire,
                                       fault_fn=fault_fn, client_timeout=client_timeout)
             row.update(server_round=server_round, paper_bytes_down=paper_down)
@@ -331,7 +333,7 @@ def run_federated(strategy: Strategy, model_fn: Callable[[], nn.Module], clients
         model.load_state_dict(state.weights)
         server_seconds += time.perf_counter() - t0
         client_rows = [r for r in tables["clients"] if r["server_round"] == server_round]
-        row = _round_row(server_round, phase, model, state, strategy, test_loader, device, updates, client_rows)
+        row = round_record(server_round, phase, model, state, strategy, test_loader, device, updates, client_rows)
         if checkpoint_dir is not None:
             t0 = time.perf_counter()
             row["server_seconds"] = server_seconds
@@ -417,12 +419,20 @@ def _run_client(strategy: Strategy, model: nn.Module, client: DatasetClient, dow
     return row, arrived
 
 
-def _round_row(server_round: int, phase: str, model: nn.Module, state: ServerState, strategy: Strategy,
-               test_loader: DataLoader, device: str | torch.device, updates: Sequence[ClientUpdate],
-               rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def round_record(server_round: int, phase: str, model: nn.Module, state: ServerState, strategy: Strategy,
+                 test_loader: DataLoader | None, device: str | torch.device, updates: Sequence[ClientUpdate],
+                 rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The per-round row of both engines: test metrics (if a test loader is given), sparsity, totals.
+
+    ``rows`` are the round's per-client rows (bytes, seconds, status); ``model`` receives
+    ``state.weights`` for the evaluation. ``server_seconds`` and ``wall_seconds`` are filled in by
+    the engine afterwards.
+    """
     t0 = time.perf_counter()
-    model.load_state_dict(state.weights)
-    metrics, _ = evaluate(model, test_loader, device=device)
+    metrics: dict[str, float] = {}
+    if test_loader is not None:
+        model.load_state_dict(state.weights)
+        metrics, _ = evaluate(model, test_loader, device=device)
     vote = state.extras.get("vote_sparsity")
     return {"server_round": server_round, "phase": phase, **metrics, "sparsity": state.sparsity,
             "target_sparsity": strategy.target_sparsity(server_round),
@@ -435,7 +445,8 @@ def _round_row(server_round: int, phase: str, model: nn.Module, state: ServerSta
             "server_seconds": 0.0, "eval_seconds": time.perf_counter() - t0, "wall_seconds": 0.0}
 
 
-def _agreement_rows(tables: dict[str, list[dict[str, Any]]], server_round: int, updates: Sequence[ClientUpdate]) -> None:
+def _agreement_rows(tables: dict[str, list[dict[str, Any]]], server_round: int,
+                    updates: Sequence[ClientUpdate]) -> None:
     masks = [u.mask for u in updates]
     jac = jaccard_matrix(masks)
     for i, a in enumerate(updates):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..federated.checkpoint import save_round
 from ..federated.codec import decode
 from ..federated.messages import WireOptions, decode_update, encode_broadcast
-from ..federated.simulation import FederationError, num_selected, select_clients
+from ..federated.simulation import FederationError, num_selected, round_record, select_clients
 from ..federated.strategies import ClientTask, ClientUpdate, PruneFL, ServerState, Strategy
-from ..training import TrainConfig, evaluate
+from ..training import TrainConfig
 from .protocol import MessageKind, Record, payload_bytes, payload_record, round_config
 
 __all__ = ["FlowerResult", "FlowerServer", "needs_client_data"]
@@ -198,7 +198,8 @@ class FlowerServer:
 
         state = self._initialize(grid, model, nodes)
         self.state = state
-        self.tables["rounds"].append(self._round_row(0, "init", model, state, test_loader, [], []))
+        self.tables["rounds"].append(round_record(0, "init", model, state, self.strategy, test_loader, self.device,
+                                                      [], []))
 
         bar = tqdm(range(1, total_rounds + 1), desc=self.label or f"{strategy.name} (flower)",
                    disable=not self.progress, leave=False)
@@ -244,7 +245,8 @@ class FlowerServer:
             self.state = state
             model.load_state_dict(state.weights)
             server_seconds += time.perf_counter() - t0
-            row = self._round_row(server_round, phase, model, state, test_loader, updates, rows)
+            row = round_record(server_round, phase, model, state, self.strategy, test_loader, self.device, updates,
+                               rows)
             self.tables["rounds"].append(row)
             if self.checkpoint_dir is not None:
                 t0 = time.perf_counter()
@@ -351,21 +353,3 @@ class FlowerServer:
             row.update(status="excluded", reason=f"{type(exc).__name__}: {exc}")
             return None
 
-    def _round_row(self, server_round: int, phase: str, model: nn.Module, state: ServerState,
-                   test_loader: DataLoader | None, updates: Sequence[ClientUpdate],
-                   rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        metrics: dict[str, float] = {}
-        if test_loader is not None:
-            model.load_state_dict(state.weights)
-            metrics, _ = evaluate(model, test_loader, device=self.device)
-        vote = state.extras.get("vote_sparsity")
-        return {"server_round": server_round, "phase": phase, **metrics, "sparsity": state.sparsity,
-                "target_sparsity": self.strategy.target_sparsity(server_round),
-                "vote_sparsity": float(vote) if vote is not None and updates else math.nan,
-                "num_clients": len(updates), "num_excluded": sum(r["status"] != "ok" for r in rows),
-                **{k: int(sum(r[k] for r in rows)) for k in ("bytes_down", "bytes_up", "paper_bytes_down",
-                                                              "paper_bytes_up")},
-                "client_seconds": float(sum(r["seconds"] for r in rows)),
-                "train_seconds": float(sum(r["train_seconds"] for r in rows)),
-                "server_seconds": 0.0, "eval_seconds": time.perf_counter() - t0, "wall_seconds": 0.0}
