@@ -271,3 +271,173 @@ def test_save_figure_that_fails_leaves_no_partial_file(tmp_path, monkeypatch, tr
     # Assert
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+
+
+# --------------------------------------------------------------------------------------------
+# Federated runs (notebook 03)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def fed_rounds() -> pd.DataFrame:
+    """Rounds 0-3 of two methods, bytes chosen so cumulative sums are easy to check by hand."""
+    rows = []
+    for method, mb_per_round, sparsity in (("fedsparsify_local", 1.0, [0.0, 0.0, 0.5, 0.9]),
+                                           ("fedavg", 4.0, [0.0] * 4)):
+        for t in range(4):
+            down = 0 if t == 0 else int(mb_per_round * 1e6 / 2)
+            rows.append({"method": method, "server_round": t, "mae": 8.0 - t, "sparsity": sparsity[t],
+                         "target_sparsity": sparsity[t], "vote_sparsity": 0.4 if method == "fedsparsify_local"
+                         and t == 2 else math.nan, "bytes_down": down, "bytes_up": down,
+                         "paper_bytes_down": down // 2, "paper_bytes_up": down // 2})
+    return pd.DataFrame(rows)
+
+
+def visible_lines(ax):
+    return [line for line in ax.lines if not line.get_label().startswith("_")]
+
+
+def test_method_palette_gives_a_method_the_same_colour_whatever_else_is_shown():
+    alone = plotting.method_palette(["omp"])
+    together = plotting.method_palette(["fedavg", "omp", "my_method"])
+    assert alone["omp"] == together["omp"]
+    assert len(set(together.values())) == 3
+
+
+def test_plot_rounds_draws_one_line_per_method_in_method_order(fed_rounds):
+    # Execute
+    ax = plotting.plot_rounds(fed_rounds, references={"floor": 2.0})
+    # Assert
+    lines = visible_lines(ax)
+    assert [line.get_label() for line in lines] == ["fedavg", "fedsparsify_local", "floor"]
+    np.testing.assert_array_equal(lines[0].get_xdata(), [0, 1, 2, 3])
+    np.testing.assert_array_equal(lines[0].get_ydata(), [8.0, 7.0, 6.0, 5.0])
+    assert lines[2].get_ydata()[0] == 2.0
+    assert ax.get_ylabel() == "test MAE (years)"
+
+
+def test_plot_rounds_refuses_several_runs_of_one_method(fed_rounds):
+    twice = pd.concat([fed_rounds.assign(environment="iid"), fed_rounds.assign(environment="skewed_noniid")])
+    with pytest.raises(ValueError, match="several rows per"):
+        plotting.plot_rounds(twice)
+    ax = plotting.plot_rounds(twice.query("environment == 'iid'"))  # one environment at a time works
+    assert len(visible_lines(ax)) == 2
+
+
+def test_plot_sparsity_shows_the_vote_only_where_recorded(fed_rounds):
+    ax = plotting.plot_sparsity(fed_rounds)
+    labels = [line.get_label() for line in visible_lines(ax)]
+    assert labels == ["fedavg", "fedsparsify_local", "fedsparsify_local: after the vote"]
+    vote = visible_lines(ax)[2]
+    assert (list(vote.get_xdata()), list(vote.get_ydata())) == ([2], [0.4])
+    targets = [line for line in ax.lines if line.get_linestyle() == ":"]
+    assert len(targets) == 1  # fedavg has no schedule
+
+
+def test_plot_cumulative_bytes_sums_down_and_up_in_megabytes(fed_rounds):
+    # Execute
+    ax = plotting.plot_cumulative_bytes(fed_rounds)
+    # Assert: fedavg sends 4 MB a round (2 down + 2 up), the paper's formula counts half of it
+    lines = {line.get_label(): line for line in visible_lines(ax)}
+    assert len(lines) == 4
+    np.testing.assert_allclose(lines["fedavg"].get_ydata(), [0, 4, 8, 12])
+    np.testing.assert_allclose(lines["fedavg (paper's formula)"].get_ydata(), [0, 2, 4, 6])
+    np.testing.assert_allclose(lines["fedsparsify_local"].get_ydata(), [0, 1, 2, 3])
+    assert len(visible_lines(plotting.plot_cumulative_bytes(fed_rounds, paper=False))) == 2
+
+
+def test_plot_mae_vs_bytes_pairs_mae_with_bytes_so_far(fed_rounds):
+    ax = plotting.plot_mae_vs_bytes(fed_rounds)
+    lines = {line.get_label(): line for line in visible_lines(ax)}
+    np.testing.assert_allclose(lines["fedavg"].get_xdata(), [4, 8, 12])  # round 0 (no bytes) left out
+    np.testing.assert_allclose(lines["fedavg"].get_ydata(), [7, 6, 5])
+    assert ax.get_xscale() == "log"
+    finals = np.concatenate([c.get_offsets() for c in ax.collections])
+    np.testing.assert_allclose(sorted_rows(finals), [[3, 5], [12, 5]])
+
+
+def test_plot_client_mae_draws_a_bar_per_client_and_method():
+    # Prepare
+    frame = pd.DataFrame({"method": ["fedavg"] * 3 + ["omp"] * 3, "client_id": [0, 1, 2] * 2,
+                          "num_examples": [30, 20, 10] * 2, "mean_age": [60.0, 70.0, 50.0] * 2,
+                          "mae": [3.0, 4.0, 5.0, 3.5, 4.5, 9.0]})
+    # Execute
+    ax = plotting.plot_client_mae(frame)
+    # Assert
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [3.0, 4.0, 5.0, 3.5, 4.5, 9.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0\nn=30\n60 y", "1\nn=20\n70 y", "2\nn=10\n50 y"]
+
+
+def test_plot_client_sizes_stacks_sites():
+    frame = pd.DataFrame({"client_id": [0, 0, 0, 1, 1], "site": ["a", "b", "b", "b", "b"]})
+    ax = plotting.plot_client_sizes(frame)
+    bars = sorted((p.get_x() + p.get_width() / 2, p.get_y(), p.get_height()) for p in ax.patches)
+    assert bars == [(0.0, 0.0, 1.0), (0.0, 1.0, 2.0), (1.0, 0.0, 2.0)]  # client 1 has no site-a bar
+
+
+def test_plot_client_ages_draws_every_participant():
+    frame = pd.DataFrame({"client_id": [1, 0, 0, 1, 1], "age": [50.0, 60.0, 62.0, 55.0, 80.0]})
+    ax = plotting.plot_client_ages(frame)
+    assert len(points(ax)) == 5
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1"]
+
+
+def test_plot_jaccard_shows_the_requested_round():
+    # Prepare: round 2 all agree; round 3 clients 0 and 1 share a third of their weights
+    rows = [{"server_round": 2, "client_a": a, "client_b": b, "jaccard": 1.0} for a in (0, 1) for b in (0, 1)]
+    rows += [{"server_round": 3, "client_a": a, "client_b": b, "jaccard": 1.0 if a == b else 1 / 3}
+             for a in (0, 1) for b in (0, 1)]
+    frame = pd.DataFrame(rows)
+    # Execute
+    last = plotting.plot_jaccard(frame)
+    # Assert
+    np.testing.assert_allclose(np.asarray(last.collections[0].get_array()).reshape(2, 2), [[1, 1 / 3], [1 / 3, 1]])
+    assert last.get_title() == "mask agreement, round 3"
+    earlier = plotting.plot_jaccard(frame, server_round=2)
+    np.testing.assert_allclose(np.asarray(earlier.collections[0].get_array()), 1.0)
+    with pytest.raises(ValueError, match="no rows for round 7"):
+        plotting.plot_jaccard(frame, server_round=7)
+    with pytest.raises(ValueError, match="empty"):
+        plotting.plot_jaccard(frame.iloc[:0])
+
+
+def test_plot_vote_histogram_colours_what_the_majority_keeps():
+    # Prepare: 4 clients, 100 weights; threshold floor(4/2) = 2 votes
+    frame = pd.DataFrame({"server_round": 5, "votes": [0, 1, 2, 3, 4], "count": [50, 10, 5, 5, 30]})
+    # Execute
+    ax = plotting.plot_vote_histogram(frame)
+    # Assert
+    assert [p.get_height() for p in ax.patches] == pytest.approx([50, 10, 5, 5, 30])
+    grey = matplotlib.colors.to_rgba("0.7")
+    assert [p.get_facecolor() == grey for p in ax.patches] == [True, True, False, False, False]
+    assert ax.get_legend().get_texts()[0].get_text() == "kept: 2 or more votes"
+    assert ax.get_yscale() == "log"
+    strict = plotting.plot_vote_histogram(frame, threshold=3, log=False)
+    assert [p.get_facecolor() == grey for p in strict.patches] == [True, True, True, False, False]
+    assert strict.get_yscale() == "linear"
+
+
+FED_PLOTS = {
+    "rounds": lambda r, ax: plotting.plot_rounds(r, ax=ax),
+    "sparsity": lambda r, ax: plotting.plot_sparsity(r, ax=ax),
+    "cumulative_bytes": lambda r, ax: plotting.plot_cumulative_bytes(r, ax=ax),
+    "mae_vs_bytes": lambda r, ax: plotting.plot_mae_vs_bytes(r, ax=ax),
+    "client_mae": lambda r, ax: plotting.plot_client_mae(
+        r.rename(columns={"server_round": "client_id"}), ax=ax),
+    "jaccard": lambda r, ax: plotting.plot_jaccard(pd.DataFrame({"server_round": [1] * 4, "client_a": [0, 0, 1, 1],
+                                                                 "client_b": [0, 1, 0, 1], "jaccard": 0.5}), ax=ax),
+    "votes": lambda r, ax: plotting.plot_vote_histogram(pd.DataFrame({"server_round": 1, "votes": [0, 1, 2],
+                                                                      "count": [3, 2, 1]}), ax=ax),
+    "client_sizes": lambda r, ax: plotting.plot_client_sizes(pd.DataFrame({"client_id": [0, 1, 1]}), ax=ax),
+    "client_ages": lambda r, ax: plotting.plot_client_ages(pd.DataFrame({"client_id": [0, 1, 1],
+                                                                         "age": [50.0, 60.0, 70.0]}), ax=ax),
+}
+
+
+@pytest.mark.parametrize("name", list(FED_PLOTS))
+def test_federated_plots_draw_on_the_given_ax_and_return_it(fed_rounds, name):
+    fig, (left, right) = plt.subplots(1, 2)
+    ax = FED_PLOTS[name](fed_rounds, right)
+    assert ax is right
+    assert ax.has_data() and not left.has_data()
+    assert fig.number in plt.get_fignums()
+    assert len(plt.get_fignums()) == 1  # no extra figure
