@@ -28,13 +28,16 @@ def cohort(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_notebook_04_runs_with_tiny_parameters(cohort, tmp_path):
-    # Prepare: 8 members + 8 non-members, 8 public subjects; 2 clients; 3 shadows for both environments
+def test_notebook_04_runs_with_tiny_parameters(cohort, tmp_path, monkeypatch):
+    # Prepare: 8 members + 8 non-members, 8 public subjects; 2 clients; 3 shadows for both environments.
+    # One thread in the kernel too (as conftest does here): on a busy 2-core machine two OpenMP
+    # threads per process spin against each other and the run takes several times longer.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "04"
     params = {"data_dir": str(cohort), "output_dir": str(out), "resolution_mm": 6, "width": 0.125, "epochs": 2,
               "pretrain_epochs": 1, "target_sparsities": [0.0, 0.9], "n_members": 8, "num_shadow_models": 3,
               "shadow_environments": ["centralized", "federated"], "num_clients": 2, "num_rounds": 2,
-              "attack_rounds": [], "control_epochs": 2, "batch_size": 4, "n_boot": 20, "seed": 0,
+              "attack_rounds": [], "control_members": 4, "control_epochs": 2, "batch_size": 4, "n_boot": 20, "seed": 0,
               "attacks": ["loss_threshold", "black_box_logistic", "white_box_logistic", "lira_online", "lira_offline"]}
     # Execute
     pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "04.ipynb"), parameters=params, kernel_name="python3",

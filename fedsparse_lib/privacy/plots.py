@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -22,6 +23,7 @@ from matplotlib.axes import Axes
 from .experiment import ATTACK_NAMES
 
 __all__ = [
+    "attack_colors",
     "chance_level",
     "plot_attack_summary",
     "plot_attack_vs_round",
@@ -30,6 +32,11 @@ __all__ = [
     "plot_roc",
 ]
 
+# one colour per attack in every figure (tab10); the quick profile's five come first
+_ATTACK_COLORS = {"loss_threshold": "C0", "black_box_logistic": "C1", "white_box_logistic": "C2", "lira_online": "C3",
+                  "lira_offline": "C4", "black_box_mlp": "C5", "black_box_gradient_boosting": "C6",
+                  "white_box_mlp": "C8", "white_box_gradient_boosting": "C9"}
+_SPARE_COLORS = ("C7", "C8", "C9", "C5", "C6")
 _METRIC_LABELS = {"auc": "ROC AUC", "balanced_accuracy": "balanced accuracy", "advantage": "advantage (TPR - FPR)"}
 _ROUND = re.compile(r"^server_round_(\d+)$")
 
@@ -70,6 +77,19 @@ def _order(values: Iterable[str]) -> list[str]:
     """Attack names in the package's order (others after, alphabetically)."""
     known = list(ATTACK_NAMES)
     return sorted(set(values), key=lambda v: (known.index(v) if v in known else len(known), str(v)))
+
+
+def attack_colors(names: Iterable[str]) -> dict[str, str]:
+    """A fixed colour per attack, the same in every figure; other names share a few spare colours.
+
+    Returns
+    -------
+    dict of str to str
+        Matplotlib colour names (``"C0"`` ...) for each distinct name, in the package's attack order.
+    """
+    ordered = _order(names)
+    others = [n for n in ordered if n not in _ATTACK_COLORS]
+    return {n: _ATTACK_COLORS.get(n) or _SPARE_COLORS[others.index(n) % len(_SPARE_COLORS)] for n in ordered}
 
 
 def _one_metric(results: pd.DataFrame, metric: str, extra: Iterable[str], what: str) -> pd.DataFrame:
@@ -136,12 +156,16 @@ def plot_roc(roc: pd.DataFrame, *, hue: str = "attack", log: bool = True, ax: Ax
     _require(roc, ["fpr", "tpr", hue, *(["n_non_members"] if log else [])], "plot_roc")
     ax = _ax(ax, (5, 5))
     floor = 1.0 / float(roc["n_non_members"].max()) if log else 0.0
-    for name in _order(roc[hue]):
+    for name, color in attack_colors(roc[hue]).items():
         curve = roc[roc[hue] == name]
-        ax.plot(np.maximum(curve["fpr"], floor), np.maximum(curve["tpr"], floor), lw=1.8, label=name)
+        ax.plot(np.maximum(curve["fpr"], floor), np.maximum(curve["tpr"], floor), lw=1.8, color=color, label=name)
     ax.plot([floor, 1], [floor, 1], color="k", ls=":", lw=1, label="chance")
     if log:
         ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05))
+        for axis in (ax.xaxis, ax.yaxis):  # plain labels at 1, 2, 5 x 10^k (mathtext minor labels clutter)
+            axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(ticker.NullFormatter())
     else:
         ax.set(xlim=(0, 1), ylim=(0, 1.02))
     ax.set(xlabel="false positive rate", ylabel="true positive rate", aspect="equal" if not log else "auto")
@@ -174,14 +198,14 @@ def plot_attack_vs_sparsity(results: pd.DataFrame, *, metric: str = "auc", hue: 
     ax = _ax(ax)
     styles = sorted(data[style].unique()) if style else [None]
     dashes = ["-", "--", "-.", ":"]
-    for i, name in enumerate(_order(data[hue])):
+    for name, color in attack_colors(data[hue]).items():
         for j, kind in enumerate(styles):
             g = data[(data[hue] == name) & ((data[style] == kind) if style else True)].sort_values("sparsity")
             if g.empty:
                 continue
             label = f"{name}, {kind}" if style and len(styles) > 1 else str(name)
-            ax.plot(g["sparsity"], g["value"], marker="o", ls=dashes[j % len(dashes)], color=f"C{i}", label=label)
-            ax.fill_between(g["sparsity"], g["ci_low"], g["ci_high"], color=f"C{i}", alpha=0.12)
+            ax.plot(g["sparsity"], g["value"], marker="o", ls=dashes[j % len(dashes)], color=color, label=label)
+            ax.fill_between(g["sparsity"], g["ci_low"], g["ci_high"], color=color, alpha=0.12)
     ax.axhline(chance_level(metric), color="k", ls=":", lw=1, label="chance")
     ax.set(xlabel="sparsity (fraction of zeroed weights)", ylabel=_metric_label(metric))
     ax.legend(fontsize="small")
@@ -212,14 +236,14 @@ def plot_attack_vs_round(results: pd.DataFrame, *, metric: str = "auc", hue: str
     if per_round.empty and mean.empty:
         raise ValueError("plot_attack_vs_round: no server_round_<t> or server_rounds_mean rows")
     ax = _ax(ax)
-    for i, name in enumerate(_order(data[hue])):
+    for name, color in attack_colors(data[hue]).items():
         g = per_round[per_round[hue] == name].sort_values("server_round")
         if not g.empty:
-            ax.plot(g["server_round"], g["value"], marker="o", color=f"C{i}", label=f"{name}, round t")
-            ax.fill_between(g["server_round"], g["ci_low"], g["ci_high"], color=f"C{i}", alpha=0.12)
+            ax.plot(g["server_round"], g["value"], marker="o", color=color, label=f"{name}, round t")
+            ax.fill_between(g["server_round"], g["ci_low"], g["ci_high"], color=color, alpha=0.12)
         m = mean[mean[hue] == name]
         if not m.empty:
-            ax.axhline(float(m["value"].iloc[0]), color=f"C{i}", ls="--", lw=1.2, label=f"{name}, mean over rounds")
+            ax.axhline(float(m["value"].iloc[0]), color=color, ls="--", lw=1.2, label=f"{name}, mean over rounds")
     ax.axhline(chance_level(metric), color="k", ls=":", lw=1, label="chance")
     if not per_round.empty:
         ax.set_xticks(sorted(per_round["server_round"].unique()))
@@ -251,7 +275,8 @@ def plot_attack_summary(results: pd.DataFrame, *, metric: str = "auc", y: str = 
     if data.duplicated([y, hue]).any():
         raise ValueError(f"plot_attack_summary: several rows per ({y}, {hue}) for {metric!r}; filter the table first")
     rows = list(dict.fromkeys(data[y]))
-    names = _order(data[hue])
+    colors = attack_colors(data[hue])
+    names = list(colors)
     ax = _ax(ax, (7, 0.45 * len(rows) * max(len(names), 1) ** 0.5 + 1.5))
     offsets = np.linspace(-0.3, 0.3, len(names)) if len(names) > 1 else np.zeros(1)
     for i, name in enumerate(names):
@@ -259,7 +284,7 @@ def plot_attack_summary(results: pd.DataFrame, *, metric: str = "auc", y: str = 
         pos = np.array([rows.index(v) for v in g[y]]) + offsets[i]
         value, low, high = (g[c].to_numpy(dtype=float) for c in ("value", "ci_low", "ci_high"))
         ax.errorbar(value, pos, xerr=[value - low, high - value], fmt="o",
-                    color=f"C{i}", capsize=2, ms=4, label=name)
+                    color=colors[name], capsize=2, ms=4, label=name)
     ax.axvline(chance_level(metric), color="k", ls=":", lw=1, label="chance")
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
     if not ax.yaxis_inverted():  # axes sharing y are inverted once

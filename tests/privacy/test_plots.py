@@ -165,3 +165,19 @@ def test_plot_attack_summary_on_axes_sharing_y_keeps_the_first_row_on_top():
     plots.plot_attack_summary(results, ax=axes[0])
     plots.plot_attack_summary(results, ax=axes[1])
     assert axes[0].yaxis_inverted() and axes[1].yaxis_inverted()
+
+
+def test_attack_colors_are_fixed_per_attack_whatever_else_is_drawn():
+    alone = plots.attack_colors(["lira_online"])
+    together = plots.attack_colors(["loss_threshold", "lira_online", "black_box_logistic"])
+    assert alone["lira_online"] == together["lira_online"] == "C3"
+    assert list(together) == ["loss_threshold", "black_box_logistic", "lira_online"]
+    others = plots.attack_colors(["x", "y"])
+    assert others["x"] != others["y"]
+
+
+def test_plot_attack_vs_sparsity_colours_an_attack_the_same_in_every_panel():
+    results = results_table([row(attack=a, sparsity=s) for a in ("loss_threshold", "lira_online") for s in (0.0, 0.9)])
+    full = plots.plot_attack_vs_sparsity(results, style=None)
+    part = plots.plot_attack_vs_sparsity(results[results["attack"] == "lira_online"], style=None)
+    assert full.get_lines()[1].get_color() == part.get_lines()[0].get_color()
