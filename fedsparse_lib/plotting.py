@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -170,13 +171,13 @@ _METRIC_LABELS = {"mae": "test MAE (years)", "rmse": "test RMSE (years)", "r": "
                   "mean_gap": "mean predicted - true age (years)", "sparsity": "sparsity (fraction of zeroed weights)"}
 
 
-def method_palette(values) -> dict[str, tuple[float, float, float]]:
+def method_palette(values: Iterable[object]) -> dict[str, tuple[float, float, float]]:
     """A colour per method (or any label): known methods keep their colour whatever else is shown.
 
     Parameters
     ----------
-    values : iterable of str
-        Labels to colour (duplicates ignored).
+    values : iterable
+        Labels to colour (converted to str; duplicates ignored).
 
     Returns
     -------
@@ -191,13 +192,13 @@ def method_palette(values) -> dict[str, tuple[float, float, float]]:
                       % len(colors)] for v in labels}
 
 
-def _hue_order(values) -> list[str]:
+def _hue_order(values: Iterable[object]) -> list[str]:
     labels = list(dict.fromkeys(str(v) for v in values))
     return sorted(labels, key=lambda v: (_METHOD_ORDER.index(v) if v in _METHOD_ORDER else len(_METHOD_ORDER),
                                          labels.index(v)))
 
 
-def _require(frame: pd.DataFrame, columns, what: str) -> None:
+def _require(frame: pd.DataFrame, columns: Iterable[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"{what} needs column(s) {missing}; got {list(frame.columns)}")
@@ -246,7 +247,7 @@ def plot_client_sizes(assignment: pd.DataFrame, *, ax: Axes | None = None) -> Ax
     ax.set_xticks(x, [str(c) for c in table.index])
     ax.set(xlabel="client", ylabel="participants")
     if "site" in assignment:
-        ax.legend(title="site", fontsize=8)
+        ax.legend(title="site", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return ax
 
 
@@ -351,7 +352,8 @@ def plot_sparsity(rounds: pd.DataFrame, *, hue: str = "method", ax: Axes | None 
 
 
 def _cumulative_mb(g: pd.DataFrame, prefix: str = "") -> np.ndarray:
-    return np.cumsum(g[f"{prefix}bytes_down"].to_numpy(dtype=float) + g[f"{prefix}bytes_up"].to_numpy(dtype=float)) / 1e6
+    per_round = g[f"{prefix}bytes_down"].to_numpy(dtype=float) + g[f"{prefix}bytes_up"].to_numpy(dtype=float)
+    return np.cumsum(per_round) / 1e6
 
 
 def plot_cumulative_bytes(rounds: pd.DataFrame, *, hue: str = "method", paper: bool = True, log: bool = False,
@@ -549,7 +551,12 @@ def plot_vote_histogram(votes: pd.DataFrame, *, server_round: int | None = None,
     ax.axvline(thr - 0.5, color="k", ls="--", lw=1, label=f"kept: {thr} or more votes")
     ax.set_xticks(data["votes"].tolist())
     if log:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel=f"clients keeping the weight (of {k})", ylabel="weights (%)" + (", log scale" if log else ""),
            title=f"majority vote, round {rnd}")
     ax.legend(fontsize=8)
