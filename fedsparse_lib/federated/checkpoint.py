@@ -16,13 +16,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.synthetic import write_atomic
 from .strategies import ServerState
 
 __all__ = ["Checkpoint", "latest_round", "load_latest", "save_round"]
@@ -45,19 +45,6 @@ class Checkpoint:
 def _paths(directory: Path, server_round: int) -> tuple[Path, Path]:
     stem = directory / f"round-{server_round:04d}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_round(directory: str | os.PathLike, *, server_round: int, state: ServerState,
@@ -95,11 +82,11 @@ def save_round(directory: str | os.PathLike, *, server_round: int, state: Server
     tensors.update({f"extras/{k}": v.detach().cpu().contiguous() for k, v in state.extras.items()})
     blob = save(tensors)
     tensor_path, json_path = _paths(folder, server_round)
-    _write_bytes_atomic(tensor_path, blob)
+    write_atomic(tensor_path, blob)
     meta = {"server_round": server_round, "sha256": hashlib.sha256(blob).hexdigest(), "config": config,
             "order": {p: list(d) for p, d in zip(_PREFIXES, (state.weights, state.mask, state.extras))},
             "records": records}
-    _write_bytes_atomic(json_path, json.dumps(meta).encode())
+    write_atomic(json_path, json.dumps(meta).encode())
     for old in sorted(folder.glob("round-*.json"))[:-keep_last]:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)

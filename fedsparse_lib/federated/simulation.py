@@ -43,8 +43,8 @@ from .codec import ValueDType
 from .messages import WireOptions, check_update, decode_broadcast, decode_update, encode_broadcast, encode_update
 from .strategies import ClientUpdate, ServerState, Strategy, derive_seed
 
-__all__ = ["DatasetClient", "FederatedResult", "FederationError", "num_selected", "round_record", "run_federated",
-           "select_clients"]
+__all__ = ["DatasetClient", "FederatedResult", "FederationError", "check_int", "num_selected", "round_record",
+           "run_federated", "select_clients"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class FederatedResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` unless it is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -239,9 +240,9 @@ def run_federated(strategy: Strategy, model_fn: Callable[[], nn.Module], clients
     """
     from tqdm.auto import tqdm
 
-    local_epochs = _check_int("local_epochs", local_epochs, 1)
-    tune_rounds = _check_int("tune_rounds", tune_rounds, 0)
-    min_clients = _check_int("min_clients", min_clients, 1)
+    local_epochs = check_int("local_epochs", local_epochs, 1)
+    tune_rounds = check_int("tune_rounds", tune_rounds, 0)
+    min_clients = check_int("min_clients", min_clients, 1)
     if not clients:
         raise ValueError("no clients")
     ids = [c.client_id for c in clients]
@@ -460,12 +461,12 @@ def _agreement_rows(tables: dict[str, list[dict[str, Any]]], server_round: int,
 def _save_upload(directory: Path, client_id: int, server_round: int, update: ClientUpdate) -> None:
     from safetensors.torch import save
 
-    from .checkpoint import _write_bytes_atomic
+    from ..data.synthetic import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"weights/{k}": v.contiguous() for k, v in update.weights.items()}
     tensors.update({f"mask/{k}": v.to(torch.uint8).contiguous() for k, v in update.mask.items()})
-    _write_bytes_atomic(directory / f"client-{client_id}-round-{server_round:04d}.safetensors", save(tensors))
+    write_atomic(directory / f"client-{client_id}-round-{server_round:04d}.safetensors", save(tensors))
 
 
 def _load_uploads(directory: Path, keep: Sequence[int], last_round: int) -> dict[tuple[int, int], tuple[dict, dict]]:

@@ -60,6 +60,7 @@ from ..pruning import (
     global_magnitude_mask,
     global_mask,
     grasp_scores,
+    magnitude_scores,
     mask_sparsity,
     ones_mask,
     prunable_names,
@@ -396,7 +397,7 @@ class FedSparsifyGlobal(Strategy):
     def _scores(self, model: nn.Module, names: Sequence[str], data: ClientData | None,
                 device: str | torch.device) -> dict[str, torch.Tensor]:
         if self.score == "magnitude":
-            return {k: v.detach().abs() for k, v in model.state_dict().items() if k in names}
+            return magnitude_scores(model, names=names)
         if self.score == "random":  # the same ranking every time: prunes take nested prefixes
             return random_scores(model, generator=torch.Generator().manual_seed(self.seed), names=names)
         if data is None:

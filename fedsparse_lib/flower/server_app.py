@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..federated.checkpoint import save_round
 from ..federated.codec import decode
 from ..federated.messages import WireOptions, decode_update, encode_broadcast
-from ..federated.simulation import FederationError, num_selected, round_record, select_clients
+from ..federated.simulation import FederationError, check_int, num_selected, round_record, select_clients
 from ..federated.strategies import ClientTask, ClientUpdate, PruneFL, ServerState, Strategy
 from ..training import TrainConfig
 from .protocol import MessageKind, Record, payload_bytes, payload_record, round_config
@@ -96,12 +96,6 @@ class FlowerResult:
     traffic: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 class FlowerServer:
     """The server side of a Flower federation: ``main(grid, context)`` and what it recorded.
 
@@ -136,10 +130,10 @@ class FlowerServer:
                  eval_batch_size: int = 32, progress: bool = True, label: str = "") -> None:
         self.strategy = strategy
         self.model_fn = model_fn
-        self.num_clients = _check_int("num_clients", num_clients, 1)
-        self.local_epochs = _check_int("local_epochs", local_epochs, 1)
-        self.tune_rounds = _check_int("tune_rounds", tune_rounds, 0)
-        self.min_clients = _check_int("min_clients", min_clients, 1)
+        self.num_clients = check_int("num_clients", num_clients, 1)
+        self.local_epochs = check_int("local_epochs", local_epochs, 1)
+        self.tune_rounds = check_int("tune_rounds", tune_rounds, 0)
+        self.min_clients = check_int("min_clients", min_clients, 1)
         num_selected(1, participation)  # validates participation
         if client_timeout is not None and not client_timeout > 0:
             raise ValueError(f"client_timeout must be > 0 seconds, got {client_timeout!r}")

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from fedsparse_lib.privacy.attacks import attacker_split
 from fedsparse_lib.privacy.experiment import (
@@ -26,25 +25,8 @@ from fedsparse_lib.privacy.experiment import (
 from fedsparse_lib.privacy.lira import lira_offline_scores, lira_online_scores
 from fedsparse_lib.privacy.metrics import results_table
 from fedsparse_lib.privacy.recipes import TrainedModel
+from recording import RecordingDataset  # tests/privacy/recording.py
 
-SHAPE = (12, 12, 12)
-
-
-class RecordingDataset(Dataset):
-    """Random volumes with ages 40 + index; remembers which positions were read."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 1, *SHAPE, generator=g)
-        self.ages = (40.0 + torch.arange(n, dtype=torch.float32)).numpy()
-        self.read: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.ages)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.read.add(int(i))
-        return self.x[i], torch.tensor(self.ages[i])
 
 
 class Constant(nn.Module):
