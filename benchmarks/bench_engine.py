@@ -4,9 +4,10 @@ Target (issue 5): everything except the clients' local training (selection, enco
 every message, the server's checks, aggregation, pruning, checkpointing) takes under 3 % of a
 round's wall time at quick-profile sizes.
 
-Setup: BrainAgeCNN at 6 mm (30 x 36 x 30), width 0.5, 8 clients of 30 volumes (the quick cohort's
-240 training subjects), batch 8, 1 local epoch, Adam 1e-3, 60 test volumes; synthetic random
-volumes and ages from a fixed seed; ``torch.set_num_threads(2)``. FedSparsify-Global and
+Setup: BrainAgeCNN at 6 mm (30 x 36 x 30), width 0.5 (``--width``; notebook 03's quick profile
+uses 0.25), 8 clients of 30 volumes (the quick cohort's 240 training subjects), batch 8, 1 local
+epoch (``--local-epochs``; the quick profile uses 4), Adam 1e-3, 60 test volumes; synthetic random
+volumes and ages from a fixed seed; ``--threads`` torch threads (default 2). FedSparsify-Global and
 FedSparsify-Local to 95 % over 5 rounds (so both dense and sparse messages are timed), with a
 checkpoint after every round.
 
@@ -17,7 +18,7 @@ written to ``<out>/engine.json``; exits 1 when the overhead misses the target.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_engine.py [--rounds 5] [--out benchmarks/out]
+    .venv/bin/python benchmarks/bench_engine.py [--rounds 5] [--width 0.5] [--local-epochs 1] [--threads 2]
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=30)
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded machine)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = parser.parse_args()
@@ -60,17 +63,18 @@ def main() -> int:
                for k in range(args.clients)]
 
     def model_fn() -> BrainAgeCNN:
-        return BrainAgeCNN(SHAPE, width=0.5, mean_age=63.5, output_scale=10.0)
+        return BrainAgeCNN(SHAPE, width=args.width, mean_age=63.5, output_scale=10.0)
 
     results: dict[str, object] = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                                   "parameters": count_parameters(model_fn()), "rounds": args.rounds,
-                                  "clients": args.clients, "per_client": args.per_client, "target": TARGET}
+                                  "clients": args.clients, "per_client": args.per_client, "width": args.width,
+                                  "local_epochs": args.local_epochs, "target": TARGET}
     print(f"{'method':<20}{'wall s':>9}{'train':>9}{'eval':>9}{'engine':>9}{'engine/wall':>13}{'target':>9}")
     status = 0
     for method in ("fedsparsify_global", "fedsparsify_local"):
         strategy = make_strategy(method, num_rounds=args.rounds, final_sparsity=0.95)
         with tempfile.TemporaryDirectory() as ckpt:
-            result = run_federated(strategy, model_fn, clients, test, local_epochs=1,
+            result = run_federated(strategy, model_fn, clients, test, local_epochs=args.local_epochs,
                                    train_config=TrainConfig(lr=1e-3, optimizer="adam"), checkpoint_dir=ckpt,
                                    progress=False)
         rounds = result.rounds.query("server_round > 0")

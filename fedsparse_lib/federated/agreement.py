@@ -15,8 +15,9 @@ import torch
 __all__ = ["jaccard_matrix", "vote_histogram"]
 
 
-def _flat(mask: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([m.reshape(-1).bool() for m in mask.values()])
+def _flat(mask: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """All coordinates of a mask as one flat numpy bool array (tensor order)."""
+    return np.concatenate([m.reshape(-1).numpy().astype(bool, copy=False) for m in mask.values()])
 
 
 def jaccard_matrix(masks: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
@@ -33,14 +34,15 @@ def jaccard_matrix(masks: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:
         Symmetric, 1 on the diagonal; 1 for two empty masks.
     """
     flat = [_flat(m) for m in masks]
-    if len({f.numel() for f in flat}) > 1:
+    if len({f.size for f in flat}) > 1:
         raise ValueError("masks have different numbers of coordinates")
+    packed = [np.packbits(f) for f in flat]  # 8 coordinates per byte; popcounts give exact set sizes
+    sizes = [int(np.bitwise_count(p).sum()) for p in packed]
     k = len(flat)
-    sizes = [int(f.sum()) for f in flat]
     out = np.ones((k, k))
     for i in range(k):
         for j in range(i + 1, k):
-            inter = int((flat[i] & flat[j]).sum())
+            inter = int(np.bitwise_count(packed[i] & packed[j]).sum())
             union = sizes[i] + sizes[j] - inter
             out[i, j] = out[j, i] = inter / union if union else 1.0
     return out
@@ -60,8 +62,10 @@ def vote_histogram(masks: Sequence[Mapping[str, torch.Tensor]]) -> pd.DataFrame:
     """
     if not masks:
         raise ValueError("no masks")
-    votes = torch.zeros(_flat(masks[0]).numel(), dtype=torch.int64)
+    if len(masks) > 255:
+        raise ValueError(f"at most 255 masks can be counted, got {len(masks)}")
+    votes = np.zeros(_flat(masks[0]).size, dtype=np.uint8)
     for m in masks:
-        votes += _flat(m).to(torch.int64)
-    counts = torch.bincount(votes, minlength=len(masks) + 1)
-    return pd.DataFrame({"votes": np.arange(len(masks) + 1), "count": counts.numpy()})
+        votes += _flat(m)
+    counts = np.bincount(votes, minlength=len(masks) + 1)
+    return pd.DataFrame({"votes": np.arange(len(masks) + 1), "count": counts})
